@@ -1,0 +1,175 @@
+"""Reading Stable Diffusion weights: diffusers folders and CompVis/A1111 single files, safetensors first.
+
+Pickle files (.ckpt, .bin, .pt, .pth) can run arbitrary code when unpickled, so they are refused
+unless the caller opts in; then they are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from sd_core.checkpoint_keys import split_single_file
+from sd_core.families import bundled_config, detect_family
+from sd_core.tokenizer import bundled_tokenizer, load_tokenizer
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+CONFIG_METADATA_KEY = "sdbatch_config"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_PICKLE_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "pytorch_model",
+}
+
+
+@dataclass
+class ModelParts:
+    """Everything needed to build a pipeline, read from disk but not yet turned into modules."""
+
+    family: str  # "v1" (OpenAI CLIP text encoder) or "v2" (OpenCLIP)
+    configs: dict[str, dict]  # unet / vae / text_encoder / scheduler config.json dicts
+    weights: dict[str, dict[str, torch.Tensor]]  # unet / vae / text_encoder state dicts
+    tokenizer: CLIPTokenizer
+    source: str
+
+
+def refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"{path} is a pickle file: unpickling can run arbitrary code, so sdbatch refuses it by default. "
+        "Convert it to .safetensors, or pass allow_pickle=True if you trust the file "
+        "(it is then read with torch.load(weights_only=True))."
+    )
+
+
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, or from a pickle when `allow_pickle` is set."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors")
+    if not allow_pickle:
+        refuse_pickle(path)
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def family_of_text_config(text_config: dict) -> str:
+    """OpenCLIP (SD2) text towers use GELU; OpenAI CLIP (SD1) uses quick-GELU."""
+    return "v2" if text_config.get("hidden_act") == "gelu" else "v1"
+
+
+def patch_scheduler_config(config: dict) -> dict:
+    """diffusers' img2img pipeline forces steps_offset=1 and clip_sample=False on load: do the same."""
+    patched = dict(config)
+    patched["steps_offset"] = 1
+    if patched.get("clip_sample", patched.get("_class_name") in ("DDIMScheduler", "DDPMScheduler")):
+        patched["clip_sample"] = False
+    return patched
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    return json.loads(path.read_text())
+
+
+def _component_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    sub = folder / name
+    stem = _WEIGHT_STEMS[name]
+    candidates = [sub / f"{stem}.safetensors", *sorted(sub.glob(f"{stem}.*.safetensors"))]
+    safetensors_files = [p for p in candidates if p.is_file()]
+    index = sub / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(sub / shard)).items()}
+    if safetensors_files:
+        return load_file(str(safetensors_files[0]))
+    pickled = sub / f"{_PICKLE_STEMS[name]}.bin"
+    if pickled.is_file():
+        return read_weights(pickled, allow_pickle)
+    raise FileNotFoundError(
+        f"model folder {folder} has no weights for {name!r}: expected {sub / (stem + '.safetensors')}"
+    )
+
+
+def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelParts:
+    """A diffusers `save_pretrained` folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"model folder {folder} lacks {', '.join(m + '/' for m in missing)}; "
+            "a diffusers Stable Diffusion "
+            f"folder holds {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)"
+        )
+    configs = {
+        "unet": _read_json(folder / "unet" / "config.json"),
+        "vae": _read_json(folder / "vae" / "config.json"),
+        "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
+        "scheduler": patch_scheduler_config(_read_json(folder / "scheduler" / "scheduler_config.json")),
+    }
+    weights = {name: _component_weights(folder, name, allow_pickle) for name in _WEIGHT_STEMS}
+    return ModelParts(
+        family=family_of_text_config(configs["text_encoder"]),
+        configs=configs,
+        weights=weights,
+        tokenizer=load_tokenizer(folder / "tokenizer"),
+        source=str(folder),
+    )
+
+
+def _embedded_config(path: Path) -> dict | None:
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    text = metadata.get(CONFIG_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None = None) -> ModelParts:
+    """A CompVis/A1111 checkpoint. Configs come from, in order: `config` (a diffusers folder), the
+    configs sdbatch embeds when exporting, or the bundled standard config of the detected family."""
+    state = read_weights(path, allow_pickle)
+    family = detect_family({k: tuple(v.shape) for k, v in state.items()})
+    if config is not None:
+        configs = {
+            "unet": _read_json(config / "unet" / "config.json"),
+            "vae": _read_json(config / "vae" / "config.json"),
+            "text_encoder": _read_json(config / "text_encoder" / "config.json"),
+            "scheduler": _read_json(config / "scheduler" / "scheduler_config.json"),
+        }
+        tokenizer = load_tokenizer(config / "tokenizer")
+    else:
+        configs = _embedded_config(path) or bundled_config(family)
+        tokenizer = bundled_tokenizer(configs.get("tokenizer", {}).get("pad_token", "<|endoftext|>"))
+    configs = {k: configs[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
+    configs["scheduler"] = patch_scheduler_config(configs["scheduler"])
+    weights = split_single_file(
+        state, family, configs["text_encoder"], unet_config=configs["unet"], vae_config=configs["vae"]
+    )
+    return ModelParts(family=family, configs=configs, weights=weights, tokenizer=tokenizer, source=str(path))
+
+
+def load_model_parts(
+    path: str | Path, allow_pickle: bool = False, config: str | Path | None = None
+) -> ModelParts:
+    """Read a model from a diffusers folder or a single checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers_folder(path, allow_pickle)
+    if path.is_file():
+        return load_single_file(path, allow_pickle, Path(config) if config else None)
+    raise FileNotFoundError(
+        f"model path {path} does not exist; give a diffusers folder (model_index.json, unet/, vae/, ...) "
+        "or a single .safetensors checkpoint"
+    )

@@ -1,0 +1,251 @@
+"""Img2ImgPipeline: SDEdit with per-row seeds and guidance, the same math as diffusers'
+StableDiffusionImg2ImgPipeline (encode, noise to the strength's timestep, denoise, decode)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from sd_core.call_args import CallArgs, resolve_call_args
+from sd_core.images import images_to_tensor, tensor_to_output
+from sd_core.loading import ModelParts, load_model_parts
+from sd_core.schedulers import SCHEDULER_NAMES, make_scheduler
+from sd_core.schedulers.run import randn_rows
+from sd_core.text_encoder import PromptEncoder, build_text_encoder
+from sd_core.unet import UNet, UNetConfig
+from sd_core.vae import AutoencoderKL, VAEConfig
+from sd_core.weights import load_checked
+
+_SCHEDULER_BY_CLASS = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LMSDiscreteScheduler": "lms",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The denoiser or the VAE produced NaN/Inf (or an all-black image from them)."""
+
+
+def default_scheduler_name(config: dict) -> str:
+    """Our name for the scheduler a model ships with."""
+    cls = config.get("_class_name", "")
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
+    if cls not in _SCHEDULER_BY_CLASS:
+        raise ValueError(
+            f"the model's scheduler {cls or '(unnamed)'} has no sdbatch equivalent; "
+            f"pass scheduler= one of {', '.join(SCHEDULER_NAMES)}"
+        )
+    return _SCHEDULER_BY_CLASS[cls]
+
+
+def _build(module_cls, config, weights: dict[str, torch.Tensor], name: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        module = module_cls(config)
+    return load_checked(module, weights, name)
+
+
+class Img2ImgPipeline:
+    """Stable Diffusion 1.x/2.x image-to-image.
+
+    Every output row has its own seed and CPU generator, consumed in diffusers' order (posterior
+    sample, initial noise, per-step noise), so a row's image does not depend on its batch.
+    """
+
+    def __init__(
+        self,
+        parts: ModelParts,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scheduler: str | None = None,
+        vae_dtype: torch.dtype | None = None,
+        prediction_type: str | None = None,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype or dtype
+        self.family = parts.family
+        self.source = parts.source
+        self.scheduler_config = dict(parts.configs["scheduler"])
+        self.text_config = dict(parts.configs["text_encoder"])
+        self.prediction_type = prediction_type
+        self.unet = _build(UNet, UNetConfig.from_dict(parts.configs["unet"]), parts.weights["unet"], "UNet")
+        self.unet.to(self.device, dtype)
+        self.vae = _build(
+            AutoencoderKL, VAEConfig.from_dict(parts.configs["vae"]), parts.weights["vae"], "VAE"
+        )
+        self.vae.to(self.device, self.vae_dtype)
+        text_model = build_text_encoder(parts.configs["text_encoder"], parts.weights["text_encoder"])
+        self.prompt_encoder = PromptEncoder(parts.tokenizer, text_model.to(self.device, dtype))
+        self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scheduler: str | None = None,
+        *,
+        vae_dtype: torch.dtype | None = None,
+        prediction_type: str | None = None,
+        allow_pickle: bool = False,
+        config: str | Path | None = None,
+    ) -> Img2ImgPipeline:
+        """Load a diffusers folder or a single CompVis/A1111 checkpoint (safetensors; pickles only with
+        allow_pickle). `config` names a diffusers folder whose configs a single file should use."""
+        parts = load_model_parts(path, allow_pickle=allow_pickle, config=config)
+        return cls(parts, device, dtype, scheduler, vae_dtype=vae_dtype, prediction_type=prediction_type)
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.scale_factor_spatial
+
+    @property
+    def tokenizer(self):
+        return self.prompt_encoder.tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.prompt_encoder.text_model
+
+    def set_scheduler(self, name: str) -> None:
+        """Switch sampler by name: ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, unipc."""
+        scheduler = make_scheduler(name, self.scheduler_config)
+        if self.prediction_type:
+            scheduler = scheduler.with_prediction_type(self.prediction_type)
+        self.scheduler = scheduler
+
+    def enable_attention_slicing(self, slice_size: int | None = 1) -> None:
+        """Compute attention a slice of heads at a time: less memory, a little slower. None turns it off."""
+        self.unet.set_attention_slice(slice_size)
+        self.vae.set_attention_slice(slice_size)
+
+    def enable_vae_tiling(self, enabled: bool = True) -> None:
+        """Encode and decode large images in overlapping tiles (diffusers' algorithm)."""
+        if enabled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+
+    # -- the call ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[PIL.Image.Image] | torch.Tensor,
+        prompts: str | Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        strength: float = 0.8,
+        guidance_scale: float | Sequence[float] = 7.5,
+        num_inference_steps: int = 50,
+        seeds: int | Sequence[int] | None = None,
+        eta: float = 0.0,
+        clip_skip: int | None = None,
+        output_type: str = "pil",
+    ):
+        """Edit `images` towards `prompts`; one output per row.
+
+        images: PIL images (sides floored to multiples of the VAE factor, as diffusers does) or a float
+        tensor [B, 3, H, W] in [0, 1]. guidance_scale and seeds may be per-row lists. Returns PIL images,
+        an np array [B, H, W, 3] in [0, 1], a tensor [B, 3, H, W] ('pt'), or latents ('latent').
+        """
+        args = resolve_call_args(
+            prompts,
+            negative_prompts,
+            strength,
+            guidance_scale,
+            num_inference_steps,
+            seeds,
+            eta,
+            clip_skip,
+            output_type,
+            self.prompt_encoder.num_layers,
+        )
+        pixels = images_to_tensor(images, self.vae_scale_factor)
+        if pixels.shape[0] != len(args.prompts):
+            raise ValueError(
+                f"got {pixels.shape[0]} images but {len(args.prompts)} prompts; give one prompt per image"
+            )
+        latents = self.denoise(pixels, args)
+        if args.output_type == "latent":
+            return latents
+        decoded = self.decode(latents)
+        self._check_finite(decoded, "the VAE decoder", pixels)
+        return tensor_to_output(decoded, args.output_type)
+
+    def denoise(self, pixels: torch.Tensor, args: CallArgs) -> torch.Tensor:
+        """The SDEdit loop: [B,3,H,W] pixels in [-1,1] -> denoised latents [B,4,H/f,W/f]."""
+        run = self.scheduler.start(args.num_inference_steps, args.strength, device=self.device, eta=args.eta)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in args.seeds]
+        context = self.prompt_encoder.encode(args.prompts, args.clip_skip).to(self.dtype)
+        guidance = torch.tensor(args.guidance_scales, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
+        use_cfg = any(g > 1 for g in args.guidance_scales)
+        if use_cfg:
+            uncond = self.prompt_encoder.encode_negative(args.negative_prompts).to(self.dtype)
+            context = torch.cat([uncond, context])
+        clean = self.encode(pixels, generators)
+        noise = randn_rows(clean, generators)
+        latents = run.add_noise(clean, noise)
+        for i, t in enumerate(run.timesteps):
+            model_in = run.scale_model_input(torch.cat([latents, latents]) if use_cfg else latents, i)
+            prediction = self.unet(model_in, t, context)
+            if use_cfg:
+                uncond_pred, cond_pred = prediction.chunk(2)
+                guided = uncond_pred + guidance * (cond_pred - uncond_pred)
+                # Rows with guidance <= 1 take the conditional prediction, as diffusers does with CFG off.
+                prediction = torch.where(guidance > 1, guided, cond_pred)
+            latents = run.step(prediction, i, latents, generators)
+        self._check_finite(latents, "the UNet", None)
+        return latents
+
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents, the posterior sampled row by row with each row's generator."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae_dtype))
+        return (self.vae.config.scaling_factor * posterior.sample_rows(generators)).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] (before clamping)."""
+        return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae_dtype))
+
+    def _check_finite(self, tensor: torch.Tensor, stage: str, inputs: torch.Tensor | None) -> None:
+        flat = tensor.flatten(1)
+        bad = (~torch.isfinite(flat).all(dim=1)).nonzero().flatten().tolist()
+        if inputs is not None:  # an all-black decode of a non-black input is the other symptom of overflow
+            black = (flat.amax(dim=1) <= -1.0) & (inputs.flatten(1).amax(dim=1).to(flat.device) > -1.0)
+            bad = sorted(set(bad) | set(black.nonzero().flatten().tolist()))
+        if not bad:
+            return
+        hint = (
+            "the VAE overflows in float16 for some images: load with vae_dtype=torch.float32"
+            if stage == "the VAE decoder" and self.vae_dtype == torch.float16
+            else "half precision overflowed: use dtype=torch.bfloat16 or torch.float32"
+            if self.dtype == torch.float16
+            else "the weights may be corrupt or the wrong model family for this config"
+        )
+        raise NonFiniteOutputError(
+            f"{stage} produced NaN/Inf or black output for rows {bad}; likely cause: {hint}"
+        )
+
+    # -- export --------------------------------------------------------------------------------
+
+    def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the pipeline as one CompVis-layout .safetensors file (loads in A1111, ComfyUI, diffusers)."""
+        from sd_core.export import save_single_file
+
+        save_single_file(self, Path(path), dtype)
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the pipeline as a diffusers folder (model_index.json, unet/, vae/, ...)."""
+        from sd_core.export import save_diffusers_folder
+
+        save_diffusers_folder(self, Path(folder), dtype)

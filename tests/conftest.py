@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny Stable Diffusion models in the real diffusers layout, written by diffusers itself."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sd_core.tiny_configs import TINY_CONFIGS  # noqa: E402
+from sd_core.tokenizer import bundled_tokenizer  # noqa: E402
+
+# Tiny models are dominated by per-op overhead; a second OpenMP thread only adds spin-waiting (and
+# slows 50x when another process holds the other core).
+torch.set_num_threads(1)
+
+
+def write_model_with_diffusers(folder, family: str, seed: int = 0):
+    """A tiny random model saved by diffusers' own `save_pretrained` (the format's reference writer)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = TINY_CONFIGS[family]
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel.from_config(configs["unet"])
+    vae = diffusers.AutoencoderKL.from_config(configs["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    scheduler_cls = getattr(diffusers, configs["scheduler"]["_class_name"])
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=bundled_tokenizer(configs["tokenizer"]["pad_token"]),
+        unet=unet,
+        scheduler=scheduler_cls.from_config(configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict:
+    """{"v1": folder, "v2": folder}: SD1-style and SD2-style (v-prediction, linear projections) models."""
+    root = tmp_path_factory.mktemp("models")
+    return {family: write_model_with_diffusers(root / family, family) for family in TINY_CONFIGS}
+
+
+def make_images(count: int, width: int = 64, height: int = 48, seed: int = 0) -> list[PIL.Image.Image]:
+    """Distinct random RGB images."""
+    g = torch.Generator().manual_seed(seed)
+    arrays = (torch.rand(count, height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return [PIL.Image.fromarray(a) for a in arrays]
