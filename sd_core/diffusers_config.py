@@ -17,6 +17,7 @@ def as_lists(value: Any) -> Any:
 
 
 def unsupported(model: str, key: str, value: Any, supported: str) -> ValueError:
+    """The error for a config value we don't build: names the model, the key, its value and what works."""
     return ValueError(f"{model} config: {key}={value!r} is not supported; supported: {supported}")
 
 

@@ -18,6 +18,7 @@ from transformers import CLIPTokenizer
 from sd_core.checkpoint_keys import split_single_file
 from sd_core.families import bundled_config, detect_family
 from sd_core.tokenizer import bundled_tokenizer, load_tokenizer
+from sd_core.vae import rename_legacy_vae_keys
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 CONFIG_METADATA_KEY = "sdbatch_config"
@@ -118,6 +119,7 @@ def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelPart
         "scheduler": patch_scheduler_config(_read_json(folder / "scheduler" / "scheduler_config.json")),
     }
     weights = {name: _component_weights(folder, name, allow_pickle) for name in _WEIGHT_STEMS}
+    weights["vae"] = rename_legacy_vae_keys(weights["vae"])
     return ModelParts(
         family=family_of_text_config(configs["text_encoder"]),
         configs=configs,

@@ -22,6 +22,20 @@ PROMPTS = ["a watercolour fox", "a city street in the rain"]
 KWARGS = dict(strength=0.75, guidance_scale=7.5, num_inference_steps=8, seeds=[3, 4], output_type="np")
 
 
+def run_oracle(oracle, images) -> np.ndarray:
+    """diffusers' img2img with the same settings as KWARGS."""
+    generators = [torch.Generator().manual_seed(s) for s in KWARGS["seeds"]]
+    return oracle(
+        image=images,
+        prompt=PROMPTS,
+        strength=0.75,
+        guidance_scale=7.5,
+        num_inference_steps=8,
+        generator=generators,
+        output_type="np",
+    ).images
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a non-loopback connection fails the test."""
@@ -63,21 +77,9 @@ def test_single_file_export_loads_in_diffusers_and_ours_with_equal_output(
     oracle = diffusers.StableDiffusionImg2ImgPipeline.from_single_file(
         str(path), config=str(folder), safety_checker=None, local_files_only=True
     )
-    oracle.scheduler = (
-        diffusers.PNDMScheduler.from_config(oracle.scheduler.config)
-        if family == "v1"
-        else (diffusers.DDIMScheduler.from_config(oracle.scheduler.config))
-    )
-    generators = [torch.Generator().manual_seed(s) for s in KWARGS["seeds"]]
-    got = oracle(
-        image=images,
-        prompt=PROMPTS,
-        strength=0.75,
-        guidance_scale=7.5,
-        num_inference_steps=8,
-        generator=generators,
-        output_type="np",
-    ).images
+    scheduler_cls = diffusers.PNDMScheduler if family == "v1" else diffusers.DDIMScheduler
+    oracle.scheduler = scheduler_cls.from_config(oracle.scheduler.config)
+    got = run_oracle(oracle, images)
     assert np.abs(got - expected).max() <= 1e-4
 
 
@@ -88,16 +90,7 @@ def test_tiny_model_maker_writes_a_folder_diffusers_loads(tmp_path):
     assert oracle.scheduler.config.prediction_type == "v_prediction"
     assert oracle.tokenizer.pad_token == "!" and ours.tokenizer.pad_token == "!"
     images = make_images(2, seed=2)
-    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    expected = oracle(
-        image=images,
-        prompt=PROMPTS,
-        strength=0.75,
-        guidance_scale=7.5,
-        num_inference_steps=8,
-        generator=generators,
-        output_type="np",
-    ).images
+    expected = run_oracle(oracle, images)
     assert np.abs(ours(images, PROMPTS, **KWARGS) - expected).max() <= 1e-4
 
 

@@ -156,3 +156,19 @@ def test_prediction_type_override(model_dirs):
     assert forced.scheduler.prediction_type == "v_prediction"
     forced.set_scheduler("euler")
     assert forced.scheduler.prediction_type == "v_prediction"
+
+
+def test_negative_prompt_embeddings_are_computed_once(pipe):
+    encoder = pipe.prompt_encoder
+    encoder.clear_cache()
+    texts_encoded = []
+    hook = encoder.text_model.register_forward_hook(
+        lambda module, args, out: texts_encoded.append(args[0].shape[0])
+    )
+    try:
+        call(pipe, negative_prompts="blurry")
+        call(pipe, negative_prompts=["blurry", "grainy"])
+    finally:
+        hook.remove()
+    # per call: the prompts once; negatives only when first seen ("blurry" once, then "grainy" once)
+    assert texts_encoded == [2, 1, 2, 1]

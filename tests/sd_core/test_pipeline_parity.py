@@ -147,3 +147,21 @@ def test_per_row_guidance_equals_separate_calls(ours):
     first = pipe(images[:1], PROMPTS[:1], seeds=[1], guidance_scale=2.0, **kwargs)
     second = pipe(images[1:], PROMPTS[1:], seeds=[2], guidance_scale=9.0, **kwargs)
     assert np.abs(together - np.concatenate([first, second])).max() <= 1e-5
+
+
+def test_vae_tiling_matches_diffusers_tiling(ours, oracles):
+    """An image larger than the VAE tile (64 px for the tiny model) goes through the tiled paths."""
+    oracle, _ = oracles["v1"]
+    images = make_images(2, width=128, height=96, seed=8)
+    kwargs = dict(strength=0.6, guidance_scale=7.5, num_inference_steps=6)
+    oracle.vae.enable_tiling()
+    pipe = ours["v1"]
+    pipe.enable_vae_tiling()
+    try:
+        expected = run_oracle(oracles["v1"], "euler", images, [1, 2], prompt=PROMPTS, **kwargs)
+        pipe.set_scheduler("euler")
+        got = pipe(images, PROMPTS, seeds=[1, 2], output_type="np", **kwargs)
+    finally:
+        oracle.vae.disable_tiling()
+        pipe.enable_vae_tiling(False)
+    assert np.abs(got - expected).max() <= TOLERANCE
