@@ -1,0 +1,1 @@
+"""Adapters pinned for a whole run: LoRA-family deltas fused into the weights, textual-inversion tokens."""
