@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 
 from sd_core.checkpoint_keys import join_single_file
 from sd_core.loading import CONFIG_METADATA_KEY
+from sd_core.tokenizer import clip_vocab_and_merges
 
 
 def _tensors(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -63,11 +64,20 @@ def write_diffusers_folder(
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
+def added_tokens(tokenizer: CLIPTokenizer) -> list[str]:
+    """Tokens added on top of the CLIP vocabulary (textual inversion), in id order."""
+    base = len(clip_vocab_and_merges()[0])
+    return [
+        tok for tok, i in sorted(tokenizer.added_tokens_encoder.items(), key=lambda kv: kv[1]) if i >= base
+    ]
+
+
 def pipeline_configs(pipe) -> dict[str, dict]:
     return {
         "unet": pipe.unet.config.to_dict(),
         "vae": pipe.vae.config.to_dict(),
-        "text_encoder": dict(pipe.text_config),
+        # textual inversion grows the embedding matrix (and config.vocab_size) past the original config's
+        "text_encoder": {**pipe.text_config, "vocab_size": pipe.text_encoder.config.vocab_size},
         "scheduler": dict(pipe.scheduler_config),
     }
 
@@ -93,6 +103,9 @@ def save_single_file(pipe, path: Path, dtype: torch.dtype | None = None) -> None
         unet_config=configs["unet"],
         vae_config=configs["vae"],
     )
-    configs["tokenizer"] = {"pad_token": pipe.tokenizer.pad_token}
+    configs["tokenizer"] = {
+        "pad_token": pipe.tokenizer.pad_token,
+        "added_tokens": added_tokens(pipe.tokenizer),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(configs)})

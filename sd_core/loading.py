@@ -153,7 +153,9 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None
         tokenizer = load_tokenizer(config / "tokenizer")
     else:
         configs = _embedded_config(path) or bundled_config(family)
-        tokenizer = bundled_tokenizer(configs.get("tokenizer", {}).get("pad_token", "<|endoftext|>"))
+        tokenizer_config = configs.get("tokenizer", {})
+        tokenizer = bundled_tokenizer(tokenizer_config.get("pad_token", "<|endoftext|>"))
+        tokenizer.add_tokens(tokenizer_config.get("added_tokens", []))  # textual inversion baked in
     configs = {k: configs[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
     configs["scheduler"] = patch_scheduler_config(configs["scheduler"])
     weights = split_single_file(

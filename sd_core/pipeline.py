@@ -9,6 +9,10 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from sd_core.adapters import AdapterInfo
+from sd_core.adapters.lora import FuseReport, LoadedLora, fuse_loras, load_lora_file
+from sd_core.adapters.lora_export import save_lora_peft
+from sd_core.adapters.textual_inversion import add_embedding, load_embedding_file
 from sd_core.call_args import CallArgs, resolve_call_args
 from sd_core.images import images_to_tensor, tensor_to_output
 from sd_core.loading import ModelParts, load_model_parts
@@ -85,6 +89,8 @@ class Img2ImgPipeline:
         text_model = build_text_encoder(parts.configs["text_encoder"], parts.weights["text_encoder"])
         self.prompt_encoder = PromptEncoder(parts.tokenizer, text_model.to(self.device, dtype))
         self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
+        self.adapters: list[AdapterInfo] = []
+        self._loras: list[tuple[LoadedLora, float, float | None]] = []  # kept for save_lora
 
     @classmethod
     def from_pretrained(
@@ -136,6 +142,64 @@ class Img2ImgPipeline:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def load_lora(
+        self,
+        path: str | Path,
+        scale: float = 1.0,
+        text_encoder_scale: float | None = None,
+        *,
+        strict: bool = True,
+        allow_pickle: bool = False,
+    ) -> FuseReport:
+        """Fuse a LoRA / LoCon / LoHa / LoKr file (kohya, PEFT or LyCORIS keys) into the weights now.
+        `text_encoder_scale` defaults to `scale`. Unmatched keys are an error unless strict=False."""
+        return self.load_loras([(path, scale, text_encoder_scale)], strict=strict, allow_pickle=allow_pickle)[
+            0
+        ]
+
+    def load_loras(
+        self,
+        specs: Sequence[tuple[str | Path, float, float | None]],
+        *,
+        strict: bool = True,
+        allow_pickle: bool = False,
+    ) -> tuple[FuseReport, ...]:
+        """Fuse several LoRAs, given as (path, scale, text_encoder_scale or None), in one pass: each weight
+        gets the fp32 sum of its deltas and one cast back to the model dtype."""
+        loras = [(load_lora_file(Path(p), allow_pickle=allow_pickle), s, ts) for p, s, ts in specs]
+        reports = fuse_loras(self.unet, self.text_encoder, loras, strict=strict)
+        self.prompt_encoder.clear_cache()  # cached negatives predate the text-encoder deltas
+        self._loras += loras
+        for (lora, _, _), report in zip(loras, reports, strict=True):
+            scales = {"unet": report.scale, "text_encoder": report.text_encoder_scale}
+            self.adapters.append(AdapterInfo("lora", lora.name, lora.sha256, scales=scales))
+        return reports
+
+    def save_lora(self, path: str | Path) -> None:
+        """Write the sum of every loaded LoRA, at its scales, as one PEFT/diffusers-format .safetensors."""
+        if not self._loras:
+            raise ValueError("no LoRA is loaded: load_lora() first")
+        save_lora_peft(self._loras, Path(path), unet=self.unet, text_encoder=self.text_encoder)
+
+    def load_textual_inversion(
+        self,
+        path: str | Path,
+        token: str | None = None,
+        *,
+        allow_override: bool = False,
+        allow_pickle: bool = False,
+    ) -> AdapterInfo:
+        """Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds, bare
+        tensor with `token`). A k-vector token `tok` is written `tok tok_1 ... tok_{k-1}` in prompts."""
+        embedding = load_embedding_file(Path(path), token=token, allow_pickle=allow_pickle)
+        tokens = add_embedding(self.tokenizer, self.text_encoder, embedding, allow_override=allow_override)
+        self.prompt_encoder.clear_cache()  # cached negatives were encoded before the new tokens existed
+        info = AdapterInfo("textual_inversion", embedding.token, embedding.sha256, tokens=tuple(tokens))
+        self.adapters.append(info)
+        return info
 
     # -- the call ------------------------------------------------------------------------------
 

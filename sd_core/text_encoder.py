@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sd_core.adapters.textual_inversion import expand_prompt
 from sd_core.weights import load_checked
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class PromptEncoder:
         return self.text_model.config.num_hidden_layers
 
     def _token_ids(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = [expand_prompt(t, self.tokenizer) for t in texts]  # multi-vector TI tokens, as diffusers
         max_length = self.tokenizer.model_max_length
         ids = self.tokenizer(
             list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
