@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -50,6 +51,12 @@ def model_dirs(tmp_path_factory) -> dict:
     """{"v1": folder, "v2": folder}: SD1-style and SD2-style (v-prediction, linear projections) models."""
     root = tmp_path_factory.mktemp("models")
     return {family: write_model_with_diffusers(root / family, family) for family in TINY_CONFIGS}
+
+
+def diffusers_images(pipe, images, prompts, seeds, **kwargs) -> np.ndarray:
+    """diffusers' img2img as every parity test calls it: one seeded CPU generator per row, np output."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe(image=images, prompt=prompts, generator=generators, output_type="np", **kwargs).images
 
 
 def make_images(count: int, width: int = 64, height: int = 48, seed: int = 0) -> list[PIL.Image.Image]:

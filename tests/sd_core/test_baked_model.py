@@ -8,10 +8,9 @@ import hashlib
 import diffusers
 import numpy as np
 import pytest
-import torch
 
 from sd_core import Img2ImgPipeline
-from tests.conftest import make_images
+from tests.conftest import diffusers_images, make_images
 from tests.sd_core.test_lora import KOHYA_UNET_MODULES, pick, weight_shapes, write_kohya
 from tests.sd_core.test_textual_inversion import vectors, write_safetensors
 
@@ -58,16 +57,8 @@ def test_baked_folder_gives_the_same_images_here_and_in_diffusers(adapted, tmp_p
     oracle = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
         str(tmp_path / "baked"), safety_checker=None
     )
-    generators = [torch.Generator().manual_seed(s) for s in KWARGS["seeds"]]
-    got = oracle(
-        image=make_images(2),
-        prompt=PROMPTS,
-        strength=0.7,
-        guidance_scale=7.5,
-        num_inference_steps=6,
-        generator=generators,
-        output_type="np",
-    ).images
+    settings = dict(strength=0.7, guidance_scale=7.5, num_inference_steps=6)
+    got = diffusers_images(oracle, make_images(2), PROMPTS, KWARGS["seeds"], **settings)
     assert np.abs(got - expected).max() <= 1e-4
 
 

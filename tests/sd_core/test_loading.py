@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sd_core import Img2ImgPipeline
 from sd_core.families import detect_family
 from sd_core.tiny import make_tiny_model
-from tests.conftest import make_images
+from tests.conftest import diffusers_images, make_images
 
 PROMPTS = ["a watercolour fox", "a city street in the rain"]
 KWARGS = dict(strength=0.75, guidance_scale=7.5, num_inference_steps=8, seeds=[3, 4], output_type="np")
@@ -24,16 +24,9 @@ KWARGS = dict(strength=0.75, guidance_scale=7.5, num_inference_steps=8, seeds=[3
 
 def run_oracle(oracle, images) -> np.ndarray:
     """diffusers' img2img with the same settings as KWARGS."""
-    generators = [torch.Generator().manual_seed(s) for s in KWARGS["seeds"]]
-    return oracle(
-        image=images,
-        prompt=PROMPTS,
-        strength=0.75,
-        guidance_scale=7.5,
-        num_inference_steps=8,
-        generator=generators,
-        output_type="np",
-    ).images
+    return diffusers_images(
+        oracle, images, PROMPTS, KWARGS["seeds"], strength=0.75, guidance_scale=7.5, num_inference_steps=8
+    )
 
 
 @pytest.fixture

@@ -25,13 +25,14 @@ from sd_core import Img2ImgPipeline
 from sd_core.adapters.lora import delta_of, fit_delta, fuse_lora, fuse_loras, load_lora_file
 from sd_core.adapters.lora_export import save_lora_peft
 from sd_core.adapters.lora_targets import targets_of
-from tests.conftest import make_images
+from tests.conftest import diffusers_images, make_images
 
 PROMPTS = ["a photo of a cat", "an oil painting of a harbour at night"]
 NEGATIVES = ["blurry", "low quality"]
 SEEDS = [3, 4]
 TOLERANCE = 1e-4
 RANK = 4
+SETTINGS = dict(strength=0.8, guidance_scale=7.5, num_inference_steps=5)
 # kohya LoRA: cross-attention, self-attention, feed-forward, 3x3 LoCon, shortcuts, samplers, time embedding,
 # conv_in/out, and every text-encoder layer
 KOHYA_UNET_MODULES = ("down_blocks.1.", "mid_block.", "up_blocks.2.", "conv_", "time_embedding")
@@ -135,14 +136,7 @@ def write_peft(path, shapes, targets, configs: dict[str, dict], seed) -> None:
 
 def run_ours(pipe) -> np.ndarray:
     return pipe(
-        make_images(2),
-        PROMPTS,
-        negative_prompts=NEGATIVES,
-        strength=0.8,
-        guidance_scale=7.5,
-        num_inference_steps=5,
-        seeds=SEEDS,
-        output_type="np",
+        make_images(2), PROMPTS, negative_prompts=NEGATIVES, seeds=SEEDS, output_type="np", **SETTINGS
     )
 
 
@@ -152,17 +146,7 @@ def run_diffusers(folder, load) -> np.ndarray:
     pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     load(pipe)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
-    return pipe(
-        prompt=PROMPTS,
-        negative_prompt=NEGATIVES,
-        image=make_images(2),
-        strength=0.8,
-        guidance_scale=7.5,
-        num_inference_steps=5,
-        generator=generators,
-        output_type="np",
-    ).images
+    return diffusers_images(pipe, make_images(2), PROMPTS, SEEDS, negative_prompt=NEGATIVES, **SETTINGS)
 
 
 def fused_ours(folder, specs) -> np.ndarray:

@@ -7,10 +7,9 @@ import types
 import diffusers
 import numpy as np
 import pytest
-import torch
 
 from sd_core import Img2ImgPipeline
-from tests.conftest import make_images
+from tests.conftest import diffusers_images, make_images
 
 ORACLE_SCHEDULERS = {
     "ddim": (diffusers.DDIMScheduler, {}),
@@ -57,8 +56,7 @@ def run_oracle(oracle, scheduler: str, images, seeds, **kwargs) -> np.ndarray:
     pipe, model_scheduler_config = oracle
     cls, overrides = ORACLE_SCHEDULERS[scheduler]
     pipe.scheduler = cls.from_config(model_scheduler_config, **overrides)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    return pipe(image=images, generator=generators, output_type="np", **kwargs).images
+    return diffusers_images(pipe, images, kwargs.pop("prompt"), seeds, **kwargs)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from sd_core import Img2ImgPipeline
 from sd_core.adapters.textual_inversion import add_embedding, expand_prompt, load_embedding_file
 from sd_core.tiny_configs import TINY_CONFIGS
 from sd_core.tokenizer import bundled_tokenizer
-from tests.conftest import make_images
+from tests.conftest import diffusers_images, make_images
 
 TOLERANCE = 1e-4
 WIDTH = {"v1": 32, "v2": 64}  # the tiny models' text widths
@@ -28,6 +28,7 @@ EMBEDDINGS = [
     ("multi-vec.safetensors", None),  # 3 vectors for "<multi-vec>"
     ("cat-toy", "<my-tok>"),  # the same file under another token
 ]
+SETTINGS = dict(strength=0.7, guidance_scale=7.5, num_inference_steps=6)
 # scenario -> (prompts, negative prompts); base outputs are taken before any embedding is loaded.
 SCENARIOS = {
     "a1111_pt": (["a charturnerv2 of a fox", "charturnerv2, a harbour at night"], ["blurry", "low quality"]),
@@ -80,30 +81,13 @@ def run_ours(pipe: Img2ImgPipeline, scenario: str) -> np.ndarray:
     """Our pipeline; it expands multi-vector tokens in prompts and negative prompts itself."""
     prompts, negatives = SCENARIOS[scenario]
     return pipe(
-        make_images(2),
-        prompts,
-        negative_prompts=negatives,
-        strength=0.7,
-        guidance_scale=7.5,
-        num_inference_steps=6,
-        seeds=[3, 4],
-        output_type="np",
+        make_images(2), prompts, negative_prompts=negatives, seeds=[3, 4], output_type="np", **SETTINGS
     )
 
 
 def run_oracle(pipe, scenario: str) -> np.ndarray:
     prompts, negatives = SCENARIOS[scenario]
-    generators = [torch.Generator("cpu").manual_seed(s) for s in (3, 4)]
-    return pipe(
-        image=make_images(2),
-        prompt=prompts,
-        negative_prompt=negatives,
-        strength=0.7,
-        guidance_scale=7.5,
-        num_inference_steps=6,
-        generator=generators,
-        output_type="np",
-    ).images
+    return diffusers_images(pipe, make_images(2), prompts, (3, 4), negative_prompt=negatives, **SETTINGS)
 
 
 @pytest.fixture(scope="module", params=["v1", "v2"])

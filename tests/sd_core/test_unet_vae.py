@@ -56,22 +56,51 @@ VAE_CONFIGS = {"sd": TINY_V1["vae"], "odd": TINY_ODD_VAE}
 SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 SD15_UNET = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
-    "cross_attention_dim": 768, "down_block_types": SD_DOWN, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
-    "norm_num_groups": 32, "out_channels": 4, "sample_size": 64, "up_block_types": SD_UP,
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": SD_DOWN,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": SD_UP,
 }
 SD21_UNET = {
-    **SD15_UNET, "_diffusers_version": "0.10.0.dev0", "attention_head_dim": [5, 10, 20, 20],
-    "cross_attention_dim": 1024, "dual_cross_attention": False, "num_class_embeds": None,
-    "only_cross_attention": False, "sample_size": 96, "upcast_attention": True, "use_linear_projection": True,
+    **SD15_UNET,
+    "_diffusers_version": "0.10.0.dev0",
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
 }
 SD15_VAE = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-    "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 SD21_VAE = {**SD15_VAE, "_diffusers_version": "0.10.0.dev0", "sample_size": 768}
 
@@ -144,8 +173,11 @@ def test_unet_rows_are_batch_invariant(unets):
         alone = ours(sample[i : i + 1], t[i : i + 1], context[i : i + 1])
         assert max_diff(batched[i : i + 1], alone) <= TOL
     # Nothing flows between rows: changing row 0 leaves the others bit for bit the same.
-    other = ours(torch.cat([-sample[:1], sample[1:]]), torch.tensor([1.0, 500.0, 990.0]),
-                 torch.cat([context[:1] * 3, context[1:]]))
+    other = ours(
+        torch.cat([-sample[:1], sample[1:]]),
+        torch.tensor([1.0, 500.0, 990.0]),
+        torch.cat([context[:1] * 3, context[1:]]),
+    )
     assert torch.equal(other[1:], batched[1:])
 
 
@@ -365,8 +397,15 @@ def test_unsupported_config_raises(model, key, value):
 
 def test_defaults_and_head_count_naming():
     # Keys at diffusers' defaults are accepted; dropout only matters for training.
-    cfg = UNetConfig.from_dict({**TINY_V1["unet"], "class_embed_type": None, "dropout": 0.1,
-                                "only_cross_attention": [False] * 3, "mid_block_only_cross_attention": None})
+    cfg = UNetConfig.from_dict(
+        {
+            **TINY_V1["unet"],
+            "class_embed_type": None,
+            "dropout": 0.1,
+            "only_cross_attention": [False] * 3,
+            "mid_block_only_cross_attention": None,
+        }
+    )
     assert cfg == UNetConfig.from_dict(TINY_V1["unet"])
     # attention_head_dim is the head count, unless num_attention_heads says so.
     assert UNetConfig.from_dict(TINY_V1["unet"]).num_attention_heads == 8
