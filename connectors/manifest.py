@@ -1,0 +1,349 @@
+"""Parquet manifests: open (file, directory, glob or hive prefix), stream, validate, resolve image URIs."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+_GLOB = re.compile(r"[*?\[]")
+_ABSOLUTE = r"^([A-Za-z][A-Za-z0-9+.-]*://|/)"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or breaks the schema; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """What one manifest column may hold; nulls in optional columns mean "use the run default"."""
+
+    name: str
+    kind: str  # "string", "image" (string URI or binary bytes), "float" or "int"
+    required: bool = False
+    low: float | None = None  # every int rule has low >= 0 (see _out_of_range)
+    high: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] = ()
+    expected: str = ""
+
+
+COLUMN_RULES = (
+    ColumnRule("id", "string", required=True),
+    ColumnRule("image", "image", required=True),
+    ColumnRule("prompt", "string", required=True),
+    ColumnRule("negative_prompt", "string"),
+    ColumnRule("strength", "float", low=0.0, high=1.0, expected="a finite number in [0, 1]"),
+    ColumnRule("guidance_scale", "float", low=0.0, expected="a finite number >= 0"),
+    ColumnRule("num_inference_steps", "int", low=1, high=1000, expected="an integer in 1..1000"),
+    ColumnRule("seed", "int", low=0, high=2**63 - 1, expected="an integer in 0..2**63-1"),
+    ColumnRule("num_images", "int", low=1, high=64, expected="an integer in 1..64"),
+    ColumnRule("width", "int", low=64, high=4096, multiple_of=8, expected="a multiple of 8 in 64..4096"),
+    ColumnRule("height", "int", low=64, high=4096, multiple_of=8, expected="a multiple of 8 in 64..4096"),
+    ColumnRule("resize_mode", "string", choices=RESIZE_MODES, expected=f"one of {', '.join(RESIZE_MODES)}"),
+)
+KNOWN_COLUMNS = tuple(rule.name for rule in COLUMN_RULES)
+
+_STRING = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+_BINARY = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
+_KINDS = {
+    "string": (_STRING, "a string"),
+    "image": (_STRING + _BINARY, "a string URI or binary image bytes"),
+    "float": ((pa.types.is_floating, pa.types.is_integer), "a number (e.g. float64)"),
+    "int": ((pa.types.is_integer,), "an integer (e.g. int64; in pandas use the nullable 'Int64' dtype)"),
+}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An opened manifest: its pyarrow dataset and the directory relative image URIs resolve against."""
+
+    uri: str
+    base_uri: str  # ends with '/'
+    dataset: ds.Dataset
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What validation found in a good manifest."""
+
+    uri: str
+    base_uri: str
+    num_rows: int
+    columns: tuple[str, ...]
+    extra_columns: tuple[str, ...]  # carried through untouched
+    binary_images: int
+    uri_images: int
+
+
+def open_manifest(uri: str, filesystem: fsspec.AbstractFileSystem | None = None) -> Manifest:
+    """Open one Parquet file, a directory, a glob or a hive-partitioned prefix (partitions become columns)."""
+    fs, path = (
+        fsspec.core.url_to_fs(uri) if filesystem is None else (filesystem, filesystem._strip_protocol(uri))
+    )
+    if _GLOB.search(path):
+        source = [p for p in sorted(fs.glob(path)) if fs.isfile(p)]
+        if not source:
+            raise ManifestError(f"{uri}: no files match this glob; check the pattern")
+        options = {"partitioning": "hive", "partition_base_dir": _directory(path).rstrip("/")}
+        base_uri = _directory(uri)
+    elif fs.isdir(path):
+        source, options, base_uri = path, {"partitioning": "hive"}, uri.rstrip("/") + "/"
+    elif fs.isfile(path):
+        source, options, base_uri = path, {}, _directory(uri)
+    else:
+        raise ManifestError(
+            f"{uri}: manifest not found; give a Parquet file, a directory, a glob or a hive prefix"
+        )
+    try:
+        dataset = ds.dataset(source, filesystem=fs, format="parquet", **options)
+    except (pa.ArrowException, OSError) as error:
+        raise ManifestError(
+            f"{uri}: not a Parquet file or dataset; write the manifest as Parquet ({error})"
+        ) from error
+    if not dataset.files:
+        raise ManifestError(f"{uri}: the directory holds no Parquet files")
+    return Manifest(uri, base_uri, dataset)
+
+
+def iter_manifest_batches(
+    uri: str,
+    filesystem: fsspec.AbstractFileSystem | None = None,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 1024,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the manifest's rows (only `columns`, default all) in batches of at most `batch_size`."""
+    manifest = open_manifest(uri, filesystem)
+    missing = [name for name in columns or () if name not in manifest.dataset.schema.names]
+    if missing:
+        raise ManifestError(
+            f"{uri}: no column(s) {missing}; the manifest has {manifest.dataset.schema.names}"
+        )
+    yield from _scan(manifest, columns, batch_size)
+
+
+def validate_manifest(
+    uri: str,
+    filesystem: fsspec.AbstractFileSystem | None = None,
+    sample_ids: int = 5,
+    batch_size: int = 65536,
+) -> ManifestSummary:
+    """Check every row against COLUMN_RULES; raise one ManifestError listing every problem found.
+
+    Rows are streamed in batches, reading only the known columns. Duplicate ids are found with a pyarrow
+    group-by over the `id` column alone: Arrow memory of roughly (id bytes + ~30) per row, about 1 GB for
+    20 million 20-character ids.
+    """
+    manifest = open_manifest(uri, filesystem)
+    schema = manifest.dataset.schema
+    findings = _Findings(uri, sample_ids)
+    for rule in COLUMN_RULES:
+        if rule.required and rule.name not in schema.names:
+            findings.add(rule.name, "missing required column; add it to every manifest file")
+    rules = [rule for rule in COLUMN_RULES if rule.name in schema.names and _type_ok(rule, schema, findings)]
+    has_ids = any(rule.name == "id" for rule in rules)
+    num_rows = binary_images = uri_images = 0
+    for batch in _scan(manifest, [rule.name for rule in rules], batch_size):
+        ids = batch.column("id") if has_ids else None
+        for rule in rules:
+            for problem, mask in _bad_rows(rule, batch.column(rule.name)):
+                findings.add_rows(rule.name, problem, mask, ids, num_rows)
+        if "image" in batch.schema.names:
+            valid_images = batch.num_rows - batch.column("image").null_count
+            if any(is_type(batch.schema.field("image").type) for is_type in _BINARY):
+                binary_images += valid_images
+            else:
+                uri_images += valid_images
+        num_rows += batch.num_rows
+    if num_rows == 0:
+        findings.add("", "the manifest has 0 rows; it needs at least one")
+    elif has_ids:
+        _find_duplicate_ids(manifest, findings)
+    findings.raise_if_any()
+    return ManifestSummary(
+        uri=uri,
+        base_uri=manifest.base_uri,
+        num_rows=num_rows,
+        columns=tuple(schema.names),
+        extra_columns=tuple(name for name in schema.names if name not in KNOWN_COLUMNS),
+        binary_images=binary_images,
+        uri_images=uri_images,
+    )
+
+
+def resolve_image_uri(manifest_uri: str, image_value: str) -> str:
+    """The URI of one row's image, from the `image` string of a manifest at `manifest_uri`.
+
+    Absolute values (with a scheme such as `s3://` or `file://`, or starting with '/') are returned
+    unchanged, '..' included: naming another place is then explicit. Relative values are joined to the
+    manifest's directory, everything up to the last '/' of `manifest_uri` (before any glob character;
+    pass `Manifest.base_uri` for a directory manifest), keeping its scheme and bucket. A relative value
+    whose '..' climbs out of that directory is refused.
+    """
+    if not image_value:
+        raise ValueError(f"empty image value in manifest {manifest_uri}; give a URI or the image bytes")
+    if re.match(_ABSOLUTE, image_value):
+        return image_value
+    if _climbs_out(image_value):
+        raise ValueError(
+            f"image {image_value!r} climbs out of the directory of manifest {manifest_uri} with '..'; "
+            "write it as an absolute URI"
+        )
+    return _directory(manifest_uri) + posixpath.normpath(image_value)
+
+
+class _Findings:
+    """Problems found so far, grouped by (column, problem), each with a count and the first few row ids."""
+
+    def __init__(self, uri: str, sample_ids: int):
+        self.uri = uri
+        self.sample_ids = sample_ids
+        self.problems: dict[tuple[str, str], tuple[int, list[str], str]] = {}
+
+    def add(self, column: str, problem: str, count: int = 0, samples: Sequence[str] = (), noun: str = "rows"):
+        total, kept, _ = self.problems.get((column, problem), (0, [], noun))
+        kept = kept + list(samples[: self.sample_ids - len(kept)])
+        self.problems[(column, problem)] = (total + count, kept, noun)
+
+    def add_rows(self, column: str, problem: str, mask: pa.Array, ids: pa.Array | None, offset: int) -> None:
+        """Record the rows of one batch where `mask` is true, naming them by id (or position when no id)."""
+        count = pc.sum(mask).as_py() or 0
+        if count:
+            positions = pc.indices_nonzero(mask).slice(0, self.sample_ids).to_pylist()
+            values = ids.take(positions).to_pylist() if ids is not None else [None] * len(positions)
+            labels = [_label(v, offset + p) for v, p in zip(values, positions, strict=True)]
+            self.add(column, problem, count, labels)
+
+    def raise_if_any(self) -> None:
+        if not self.problems:
+            return
+        lines = []
+        for (column, problem), (count, samples, noun) in self.problems.items():
+            where = f"column {column!r}: " if column else ""
+            more = ", ..." if count > len(samples) else ""
+            which = (
+                f" [{count} {noun if count > 1 else noun[:-1]}: {', '.join(samples)}{more}]" if count else ""
+            )
+            lines.append(f"  - {where}{problem}{which}")
+        raise ManifestError(f"{self.uri}: {len(lines)} problem(s) in the manifest:\n" + "\n".join(lines))
+
+
+def _scan(manifest: Manifest, columns: Sequence[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    try:
+        for batch in manifest.dataset.to_batches(columns=columns, batch_size=batch_size):
+            if batch.num_rows:
+                yield batch
+    except (pa.ArrowException, OSError) as error:
+        raise ManifestError(
+            f"{manifest.uri}: cannot read the manifest ({error}); every file must be Parquet with the same "
+            "column types"
+        ) from error
+
+
+def _type_ok(rule: ColumnRule, schema: pa.Schema, findings: _Findings) -> bool:
+    checks, expected = _KINDS[rule.kind]
+    actual = schema.field(rule.name).type
+    if any(check(actual) for check in checks):
+        return True
+    findings.add(rule.name, f"wrong type {actual}; expected {expected}, so convert the column before writing")
+    return False
+
+
+def _bad_rows(rule: ColumnRule, values: pa.Array) -> list[tuple[str, pa.Array]]:
+    """(problem, mask) for each way the rows of one batch can break `rule`."""
+    checks = []
+    if rule.required:
+        checks.append(("null values; this column is required in every row", pc.is_null(values)))
+    if rule.name == "id":
+        checks.append(("empty ids; every row needs a non-empty, unique id", _is_empty(values)))
+    if rule.name == "image":
+        checks.append(("empty values; give an image URI or the image bytes", _is_empty(values)))
+        if not any(is_type(values.type) for is_type in _BINARY):
+            checks.append(
+                (
+                    "relative paths that climb out of the manifest's directory with '..'; "
+                    "write them as absolute URIs",
+                    _climbing_paths(values),
+                )
+            )
+    if rule.expected:
+        checks.append(
+            (
+                f"out of range; expected {rule.expected} (null means the run default)",
+                _out_of_range(rule, values),
+            )
+        )
+    return checks
+
+
+def _is_empty(values: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.equal(pc.binary_length(values), 0), False)
+
+
+def _climbing_paths(values: pa.Array) -> pa.Array:
+    suspects = pc.fill_null(pc.match_substring(values, ".."), False)
+    if not pc.any(suspects).as_py():
+        return suspects
+    return pa.array([v is not None and _climbs_out(v) for v in values.to_pylist()], pa.bool_())
+
+
+def _out_of_range(rule: ColumnRule, values: pa.Array) -> pa.Array:
+    if rule.choices:
+        valid = pc.is_in(values, value_set=pa.array(rule.choices))
+    elif rule.kind == "float":
+        x = pc.cast(values, pa.float64())
+        valid = pc.is_finite(x)  # NaN and ±inf are never in range
+        if rule.low is not None:
+            valid = pc.and_(valid, pc.greater_equal(x, rule.low))
+        if rule.high is not None:
+            valid = pc.and_(valid, pc.less_equal(x, rule.high))
+    else:
+        # uint64 values above 2**63-1 wrap to negatives here, which every int rule (low >= 0) rejects.
+        x = values.cast(pa.int64(), safe=False)
+        valid = pc.and_(pc.greater_equal(x, int(rule.low)), pc.less_equal(x, int(rule.high)))
+        if rule.multiple_of:
+            remainder = pc.subtract(x, pc.multiply(pc.divide(x, rule.multiple_of), rule.multiple_of))
+            valid = pc.and_(valid, pc.equal(remainder, 0))
+    return pc.fill_null(pc.and_(pc.invert(valid), pc.is_valid(values)), False)
+
+
+def _find_duplicate_ids(manifest: Manifest, findings: _Findings) -> None:
+    ids = manifest.dataset.to_table(columns=["id"])
+    counts = ids.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.and_(pc.greater(counts["id_count"], 1), pc.not_equal(counts["id"], "")))
+    if repeated.num_rows:
+        rows = pc.sum(repeated["id_count"]).as_py()
+        samples = [_label(v, None) for v in repeated["id"].slice(0, findings.sample_ids).to_pylist()]
+        findings.add(
+            "id",
+            f"duplicate ids ({rows} rows share them); ids must be unique",
+            repeated.num_rows,
+            samples,
+            noun="ids",
+        )
+
+
+def _label(row_id: str | None, position: int | None) -> str:
+    if row_id is None:
+        return f"row #{position}"
+    text = repr(row_id)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _climbs_out(value: str) -> bool:
+    relative = posixpath.normpath(value)
+    return not re.match(_ABSOLUTE, value) and (relative == ".." or relative.startswith("../"))
+
+
+def _directory(uri: str) -> str:
+    """Everything up to the last '/' before any glob character ('' for a bare file name)."""
+    magic = _GLOB.search(uri)
+    head = uri[: magic.start()] if magic else uri
+    return head[: head.rfind("/") + 1]
