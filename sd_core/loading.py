@@ -84,6 +84,13 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_folder_configs(folder: Path) -> dict[str, dict]:
+    """The unet / vae / text_encoder / scheduler config dicts of a diffusers folder, scheduler patched."""
+    configs = {name: _read_json(folder / name / "config.json") for name in ("unet", "vae", "text_encoder")}
+    configs["scheduler"] = patch_scheduler_config(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    return configs
+
+
 def _component_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     sub = folder / name
     stem = _WEIGHT_STEMS[name]
@@ -112,12 +119,7 @@ def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelPart
             "a diffusers Stable Diffusion "
             f"folder holds {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)"
         )
-    configs = {
-        "unet": _read_json(folder / "unet" / "config.json"),
-        "vae": _read_json(folder / "vae" / "config.json"),
-        "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
-        "scheduler": patch_scheduler_config(_read_json(folder / "scheduler" / "scheduler_config.json")),
-    }
+    configs = read_folder_configs(folder)
     weights = {name: _component_weights(folder, name, allow_pickle) for name in _WEIGHT_STEMS}
     weights["vae"] = rename_legacy_vae_keys(weights["vae"])
     return ModelParts(
@@ -144,12 +146,7 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None
     state = read_weights(path, allow_pickle)
     family = detect_family({k: tuple(v.shape) for k, v in state.items()})
     if config is not None:
-        configs = {
-            "unet": _read_json(config / "unet" / "config.json"),
-            "vae": _read_json(config / "vae" / "config.json"),
-            "text_encoder": _read_json(config / "text_encoder" / "config.json"),
-            "scheduler": _read_json(config / "scheduler" / "scheduler_config.json"),
-        }
+        configs = read_folder_configs(config)
         tokenizer = load_tokenizer(config / "tokenizer")
     else:
         configs = _embedded_config(path) or bundled_config(family)
