@@ -64,3 +64,44 @@ def make_images(count: int, width: int = 64, height: int = 48, seed: int = 0) ->
     g = torch.Generator().manual_seed(seed)
     arrays = (torch.rand(count, height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
     return [PIL.Image.fromarray(a) for a in arrays]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real SeaweedFS S3 server for the whole session, on free loopback ports."""
+    from tests.s3_services import SeaweedServer
+
+    with SeaweedServer() as server:
+        yield server
+
+
+class StoreUnderTest:
+    """A Storage and a fresh root URI on one backend; tests written against it run on every backend."""
+
+    def __init__(self, backend: str, storage, root: str):
+        self.backend, self.storage, self.root = backend, storage, root
+
+    def __repr__(self) -> str:
+        return f"StoreUnderTest({self.backend}, {self.root})"
+
+
+def s3_store(server, monkeypatch, endpoint_url: str | None = None, retry=None) -> StoreUnderTest:
+    """A Storage on `server` (or on a proxy of it at `endpoint_url`) with a unique prefix."""
+    import uuid
+
+    from connectors.storage import RetryPolicy, Storage, StorageOptions
+
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    options = StorageOptions(endpoint_url=endpoint_url or server.endpoint_url, retry=retry or RetryPolicy())
+    return StoreUnderTest("s3", Storage(options), f"s3://{server.bucket}/{uuid.uuid4().hex}")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, monkeypatch) -> StoreUnderTest:
+    """The same test body on local disk and on the real S3 server."""
+    from connectors.storage import Storage
+
+    if request.param == "local":
+        return StoreUnderTest("local", Storage(), str(tmp_path / "store"))
+    return s3_store(request.getfixturevalue("s3_server"), monkeypatch)

@@ -21,11 +21,18 @@ from connectors.manifest import (
 )
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path) -> Iterator[str]:
-    """A manifest root URI (no trailing '/'), on local disk or in fsspec's memory file system."""
+@pytest.fixture(params=["local", "memory", "s3"])
+def root(request, tmp_path, monkeypatch) -> Iterator[str]:
+    """A manifest root URI (no trailing '/'): local disk, fsspec's memory file system, or the real S3
+    server (reached the way users reach S3-compatible stores: AWS_ENDPOINT_URL and the AWS_* chain)."""
     if request.param == "local":
         yield str(tmp_path)
+        return
+    if request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        for name, value in {**server.env(), "AWS_ENDPOINT_URL": server.endpoint_url}.items():
+            monkeypatch.setenv(name, value)
+        yield f"s3://{server.bucket}/manifests-{uuid.uuid4().hex}"
         return
     uri = f"memory://manifests-{uuid.uuid4().hex}"
     yield uri
