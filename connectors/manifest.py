@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -81,6 +81,7 @@ class ManifestSummary:
     extra_columns: tuple[str, ...]  # carried through untouched
     binary_images: int
     uri_images: int
+    bad_rows: tuple[str, ...] = ()  # with rows_as_errors: the row-level problems, as report lines
 
 
 def open_manifest(uri: str, filesystem: fsspec.AbstractFileSystem | None = None) -> Manifest:
@@ -134,8 +135,13 @@ def validate_manifest(
     filesystem: fsspec.AbstractFileSystem | None = None,
     sample_ids: int = 5,
     batch_size: int = 65536,
+    rows_as_errors: bool = False,
 ) -> ManifestSummary:
     """Check every row against COLUMN_RULES; raise one ManifestError listing every problem found.
+
+    With `rows_as_errors`, bad values in single rows (out of range, null prompt, empty image, ...) do not
+    raise: they are returned in `bad_rows` and a job records those rows as errors. Problems that make
+    the run impossible (missing columns, wrong types, bad or duplicate ids, no rows) always raise.
 
     Rows are streamed in batches, reading only the known columns. Duplicate ids are found with a pyarrow
     group-by over the `id` column alone: Arrow memory of roughly (id bytes + ~30) per row, about 1 GB for
@@ -166,7 +172,7 @@ def validate_manifest(
         findings.add("", "the manifest has 0 rows; it needs at least one")
     elif has_ids:
         _find_duplicate_ids(manifest, findings)
-    findings.raise_if_any()
+    findings.raise_if_any(except_row_level=rows_as_errors)
     return ManifestSummary(
         uri=uri,
         base_uri=manifest.base_uri,
@@ -175,7 +181,37 @@ def validate_manifest(
         extra_columns=tuple(name for name in schema.names if name not in KNOWN_COLUMNS),
         binary_images=binary_images,
         uri_images=uri_images,
+        bad_rows=tuple(findings.lines(findings.row_level.__contains__)) if rows_as_errors else (),
     )
+
+
+def row_problems(batch: pa.Table | pa.RecordBatch) -> pa.Array:
+    """Per row, what is wrong with its values (the first problem found), or null for a good row.
+
+    Checks the known columns present with a usable type against COLUMN_RULES, exactly as
+    `validate_manifest` does; a job uses it to turn bad rows into error rows instead of refusing the run.
+    """
+    messages: list[str | None] = [None] * batch.num_rows
+    for rule in COLUMN_RULES:
+        if rule.name not in batch.schema.names:
+            continue
+        if not any(check(batch.schema.field(rule.name).type) for check in _KINDS[rule.kind][0]):
+            continue
+        values = batch.column(rule.name)
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        for problem, mask in _bad_rows(rule, values):
+            for position in pc.indices_nonzero(mask).to_pylist():
+                if messages[position] is None:
+                    value = values[position].as_py()
+                    shown = "" if value is None else f" (got {_short_repr(value)})"
+                    messages[position] = f"column {rule.name!r}: {problem}{shown}"
+    return pa.array(messages, pa.string())
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def resolve_image_uri(manifest_uri: str, image_value: str) -> str:
@@ -206,6 +242,7 @@ class _Findings:
         self.uri = uri
         self.sample_ids = sample_ids
         self.problems: dict[tuple[str, str], tuple[int, list[str], str]] = {}
+        self.row_level: set[tuple[str, str]] = set()  # bad values in single rows (ids excepted)
 
     def add(self, column: str, problem: str, count: int = 0, samples: Sequence[str] = (), noun: str = "rows"):
         total, kept, _ = self.problems.get((column, problem), (0, [], noun))
@@ -220,19 +257,26 @@ class _Findings:
             values = ids.take(positions).to_pylist() if ids is not None else [None] * len(positions)
             labels = [_label(v, offset + p) for v, p in zip(values, positions, strict=True)]
             self.add(column, problem, count, labels)
+            if column != "id":
+                self.row_level.add((column, problem))
 
-    def raise_if_any(self) -> None:
-        if not self.problems:
-            return
+    def raise_if_any(self, except_row_level: bool = False) -> None:
+        lines = self.lines(lambda key: not (except_row_level and key in self.row_level))
+        if lines:
+            raise ManifestError(f"{self.uri}: {len(lines)} problem(s) in the manifest:\n" + "\n".join(lines))
+
+    def lines(self, include: Callable[[tuple[str, str]], bool]) -> list[str]:
         lines = []
         for (column, problem), (count, samples, noun) in self.problems.items():
+            if not include((column, problem)):
+                continue
             where = f"column {column!r}: " if column else ""
             more = ", ..." if count > len(samples) else ""
             which = (
                 f" [{count} {noun if count > 1 else noun[:-1]}: {', '.join(samples)}{more}]" if count else ""
             )
             lines.append(f"  - {where}{problem}{which}")
-        raise ManifestError(f"{self.uri}: {len(lines)} problem(s) in the manifest:\n" + "\n".join(lines))
+        return lines
 
 
 def _scan(manifest: Manifest, columns: Sequence[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:

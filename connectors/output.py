@@ -103,6 +103,11 @@ class OutputLayout:
         return join_uri(self.root, "_run.json")
 
     @property
+    def job_record(self) -> str:
+        """What configuration writes here (its fingerprint): a rerun with another one is refused."""
+        return join_uri(self.root, "_job.json")
+
+    @property
     def success_marker(self) -> str:
         return join_uri(self.root, "_SUCCESS")
 
@@ -179,6 +184,15 @@ class OutputSink:
     def read_run_manifest(self) -> dict[str, Any]:
         return json.loads(self.storage.read_bytes(self.layout.run_manifest))
 
+    def read_job_record(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.layout.job_record))
+        except FileNotFoundError:
+            return None
+
+    def write_job_record(self, record: dict[str, Any]) -> None:
+        self.storage.write_bytes(self.layout.job_record, _json_bytes(record))
+
     def _read_parts(
         self, uris: Sequence[str], columns: Sequence[str] | None, schema: pa.Schema | None = None
     ) -> pa.Table:
@@ -235,6 +249,7 @@ class OutputSink:
             )
         manifest = {
             **run_info,
+            "complete": True,
             "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "counts": {"images": summary.images, "errors": summary.errors},
             "parts": {
@@ -242,7 +257,7 @@ class OutputSink:
                 "errors": [_name(uri) for uri in error_parts],
             },
         }
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        manifest_bytes = _json_bytes(manifest)
         self.storage.write_bytes(self.layout.run_manifest, manifest_bytes)
         marker = {
             "images": summary.images,
@@ -251,6 +266,10 @@ class OutputSink:
         }
         self.storage.write_bytes(self.layout.success_marker, json.dumps(marker, sort_keys=True).encode())
         return summary
+
+    def record_incomplete(self, run_info: dict[str, Any]) -> None:
+        """Write `_run.json` for a run that stopped early (no `_SUCCESS`); a rerun finishes it."""
+        self.storage.write_bytes(self.layout.run_manifest, _json_bytes({**run_info, "complete": False}))
 
     def _settle_metadata(self) -> int:
         """Rewrite the parts that share keys with another part so each key is in one part."""
@@ -293,6 +312,10 @@ class OutputSink:
         for uri in old_parts:
             if new is None or uri != new.uri:
                 self.storage.delete(uri)
+
+
+def _json_bytes(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode()
 
 
 def _check_keys(table: pa.Table) -> None:

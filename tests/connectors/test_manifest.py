@@ -17,6 +17,7 @@ from connectors.manifest import (
     iter_manifest_batches,
     open_manifest,
     resolve_image_uri,
+    row_problems,
     validate_manifest,
 )
 
@@ -323,3 +324,30 @@ def test_resolve_image_uri_refuses_climbing_out_and_empty(value):
 def test_resolve_against_opened_local_manifest(tmp_path):
     put(f"{tmp_path}/m/part-0.parquet", rows(1))
     assert resolve_image_uri(open_manifest(f"{tmp_path}/m").base_uri, "a.png") == f"{tmp_path}/m/a.png"
+
+
+def test_rows_as_errors_reports_bad_values_but_refuses_what_stops_the_run(root):
+    table = rows(4, strength=[0.5, 1.5, None, math.nan], prompt=["a", None, "c", "d"])
+    summary = validate_manifest(put(f"{root}/m.parquet", table), rows_as_errors=True)
+    assert summary.num_rows == 4
+    report = "\n".join(summary.bad_rows)
+    assert "'strength'" in report and "'r1'" in report and "'r3'" in report
+    assert "'prompt'" in report and "null values" in report
+    # Schema and id problems still refuse the run.
+    put(f"{root}/d/part-1.parquet", rows(2))
+    put(f"{root}/d/part-2.parquet", rows(1))
+    with pytest.raises(ManifestError, match="duplicate ids"):
+        validate_manifest(f"{root}/d", rows_as_errors=True)
+    with pytest.raises(ManifestError, match="missing required column"):
+        no_prompt = put(f"{root}/n.parquet", pa.table({"id": ["a"], "image": ["x"]}))
+        validate_manifest(no_prompt, rows_as_errors=True)
+
+
+def test_row_problems_names_the_column_and_value_per_row():
+    steps = [10, 10, 0, 10]
+    table = rows(4, strength=[0.5, 2.0, None, 0.1], num_inference_steps=steps, image=["a", "b", "c", ""])
+    problems = row_problems(table).to_pylist()
+    assert problems[0] is None
+    assert problems[1].startswith("column 'strength': out of range") and "(got 2.0)" in problems[1]
+    assert problems[2].startswith("column 'num_inference_steps'") and "(got 0)" in problems[2]
+    assert problems[3].startswith("column 'image': empty values")
