@@ -1,23 +1,30 @@
-"""The `sdbatch` command."""
+"""The `sdbatch` command: `sdbatch run ...` (the img2img job) and `sdbatch demo`."""
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+COMMANDS = {
+    "run": "run the img2img job (same flags as `python -m jobs.img2img`; --help for them)",
+    "demo": "run the job on generated images with a tiny model it makes (what `make demo` does)",
+}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="sdbatch", description="Stable Diffusion img2img over datasets, on Ray"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the core on generated images with a tiny model it makes")
-    demo.add_argument("--output", default="demo-output", help="folder to write into")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from jobs.demo import main as demo_main
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:6} {text}" for name, text in COMMANDS.items())
+        print(f"usage: sdbatch {{{','.join(COMMANDS)}}} ...\n\n{usage}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from jobs.img2img import main as run_main
 
-        demo_main(["--output", args.output])
+        return run_main(rest, prog="sdbatch run")
+    from jobs.demo import main as demo_main
+
+    return demo_main(rest)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,82 +1,110 @@
-"""`make demo`: run the img2img core end to end on generated images with a tiny model it makes.
+"""`make demo`: the img2img job end to end on this machine, with nothing to download.
 
-Until the Ray job lands this exercises the core alone: it writes a tiny random SD1-style model in the
-diffusers layout, draws a few test images, edits them with two samplers and saves the results.
+It writes a tiny random SD1-style model in the diffusers layout, draws 16 small test pictures with
+prompts into a Parquet manifest, runs the real job (local Ray instance, local disk) into
+`{output}/run`, and prints the run summary and where the contact sheet is. Running it again resumes
+into the same output and finds nothing left to do.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import io
+import logging
+import sys
 from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from sd_core import Img2ImgPipeline
+from jobs.config import load_config
+from jobs.img2img import run
+from jobs.plan import make_plan
+from jobs.report import summary_lines
 from sd_core.tiny import make_tiny_model
 
-PROMPTS = ["a red circle on a blue sky", "a green square, oil painting", "a yellow stripe at dusk"]
+SHAPES = ("circle", "square", "stripe", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "yellow": (240, 220, 30), "blue": (40, 80, 230)}
+STYLES = ("oil painting", "watercolour")
 
 
-def test_images(size: tuple[int, int] = (96, 64)) -> list[PIL.Image.Image]:
-    """Three simple, distinct pictures: a circle, a square and a stripe on gradients."""
-    images = []
-    for i, shape in enumerate(("circle", "square", "stripe")):
-        image = PIL.Image.linear_gradient("L").resize(size).convert("RGB")
-        draw = PIL.ImageDraw.Draw(image)
-        colour = [(220, 40, 40), (40, 200, 60), (240, 220, 30)][i]
-        box = (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4)
-        if shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif shape == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.rectangle((0, size[1] // 2 - 6, size[0], size[1] // 2 + 6), fill=colour)
-        images.append(image)
-    return images
-
-
-def run_demo(output: Path) -> list[Path]:
-    model_dir = make_tiny_model(output / "tiny-model", family="v1")
-    pipe = Img2ImgPipeline.from_pretrained(model_dir)
-    images = test_images()
-    written = []
-    for i, image in enumerate(images):
-        path = output / "inputs" / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-    for scheduler in ("pndm", "euler_a"):
-        pipe.set_scheduler(scheduler)
-        start = time.perf_counter()
-        results = pipe(
-            images,
-            PROMPTS,
-            negative_prompts="blurry",
-            strength=0.75,
-            guidance_scale=7.5,
-            num_inference_steps=20,
-            seeds=[1, 2, 3],
+def picture(shape: str, colour: tuple[int, int, int], size: tuple[int, int]) -> PIL.Image.Image:
+    """A simple test picture: one coloured shape on a grey gradient."""
+    width, height = size
+    image = PIL.Image.linear_gradient("L").resize(size).convert("RGB")
+    draw = PIL.ImageDraw.Draw(image)
+    box = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "stripe":
+        draw.rectangle((0, height // 2 - 6, width, height // 2 + 6), fill=colour)
+    else:
+        draw.polygon(
+            [(width // 2, height // 4), (width // 4, 3 * height // 4), (3 * width // 4, 3 * height // 4)],
+            fill=colour,
         )
-        elapsed = time.perf_counter() - start
-        for i, result in enumerate(results):
-            path = output / "images" / scheduler / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            result.save(path)
-            written.append(path)
-        print(
-            f"{scheduler}: {len(results)} images {results[0].size[0]}x{results[0].size[1]} in {elapsed:.2f}s"
-        )
-    return written
+    return image
 
 
-def main(argv: list[str] | None = None) -> None:
+def write_dataset(folder: Path) -> Path:
+    """16 pictures (two sizes) and a manifest with prompts, a label column and per-row strengths."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"id": [], "image": [], "prompt": [], "strength": [], "label": []}
+    for index, (shape, (name, colour)) in enumerate(
+        (shape, colour) for shape in SHAPES for colour in COLOURS.items()
+    ):
+        size = (96, 64) if index % 2 else (64, 64)
+        buffer = io.BytesIO()
+        picture(shape, colour, size).save(buffer, format="PNG")
+        (folder / "images" / f"{index:02d}.png").write_bytes(buffer.getvalue())
+        rows["id"].append(f"{name}-{shape}")
+        rows["image"].append(f"images/{index:02d}.png")
+        rows["prompt"].append(f"a {name} {shape}, {STYLES[index % 2]}")
+        rows["strength"].append(0.6 if index % 4 < 2 else 0.8)
+        rows["label"].append(shape)
+    manifest = folder / "manifest.parquet"
+    pq.write_table(pa.table(rows), manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("demo-output"), help="folder to write into")
     args = parser.parse_args(argv)
-    written = run_demo(args.output)
-    print(f"wrote {len(written)} images under {args.output.resolve() / 'images'}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = args.output.resolve()
+    model = root / "tiny-model"
+    if not (model / "model_index.json").exists():
+        make_tiny_model(model, family="v1")
+    manifest = write_dataset(root / "input")
+    config = load_config(
+        None,
+        flags={
+            "model.path": str(model),
+            "model.scheduler": "euler_a",
+            "manifest": str(manifest),
+            "output": str(root / "run"),
+            "defaults.num_inference_steps": 20,
+            "defaults.negative_prompt": "blurry",
+            "compute.batch_size": 4,
+            "compute.gpus_per_actor": 0,
+        },
+    )
+    plan = make_plan(config)
+    for line in plan.describe():
+        print(line)
+    summary = run(plan)
+    print()
+    for line in summary_lines(summary):
+        print(line)
+    if summary.get("contact_sheet"):
+        print(f"\nopen {summary['contact_sheet']} to see every input next to its output")
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -105,3 +105,40 @@ def store(request, tmp_path, monkeypatch) -> StoreUnderTest:
     if request.param == "local":
         return StoreUnderTest("local", Storage(), str(tmp_path / "store"))
     return s3_store(request.getfixturevalue("s3_server"), monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """A real `ray start --head` cluster whose workers hold the S3 test server's credentials."""
+    from tests.ray_services import POISON_PROMPT, RayCluster
+
+    env = {
+        **s3_server.env(),
+        "SDBATCH_TEST_POISON_PROMPT": POISON_PROMPT,
+        "SDBATCH_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),
+    }
+    with RayCluster(env) as cluster:
+        yield cluster
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.fixture
+def ray_driver(ray_cluster, monkeypatch):
+    """This process as a Ray driver on the test cluster (connected once per session), with the
+    cluster's environment, so the job's driver code can run in-process."""
+    import logging
+
+    import ray
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "SDBATCH_CACHE_DIR"):
+        monkeypatch.setenv(name, ray_cluster.env[name])
+    # pytest's log capture keeps Ray's error records, and their tracebacks keep the actor handles of a
+    # finished pass alive, so its actors would hold the cluster's CPUs into the next test. Ray's own
+    # handlers still print them.
+    monkeypatch.setattr(logging.getLogger("ray"), "propagate", False)
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False)
+    return ray_cluster

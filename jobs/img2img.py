@@ -1,0 +1,333 @@
+"""The img2img job: `python -m jobs.img2img --config job.yaml` (also `sdbatch run`).
+
+The driver checks everything first (jobs/plan.py), then runs a main pass and retry rounds over Ray
+Data (jobs/flow.py), records rows that never produced a result, writes the contact sheet, commits the
+output (`_run.json`, then `_SUCCESS`) and prints a summary. Exit codes: 0 every row accounted for
+and the error rate within `max_error_rate`; 1 too many errors or incomplete; 2 refused before any
+work (bad config, manifest or output); 143 stopped by SIGTERM (`ray job stop`) after recording what
+was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import metadata as package_metadata
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table
+from jobs.config import ConfigError, add_run_arguments, config_from_args
+from jobs.contact import write_contact_sheet
+from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
+from jobs.plan import PlanError, RunPlan, make_plan
+from jobs.report import ProgressReporter, summary_lines
+from jobs.rows import key_strings
+
+log = logging.getLogger("sdbatch")
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 143
+
+
+class JobStopped(Exception):
+    """SIGTERM arrived (`ray job stop`, a pod being evicted): record what is done, then exit."""
+
+
+@dataclass
+class RunStats:
+    """What the passes did, for the report and `_run.json`."""
+
+    started: float = field(default_factory=time.monotonic)
+    processed: int = 0
+    errors: int = 0
+    core_rows: int = 0
+    core_calls: float = 0.0
+    stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    actor_start_s: dict[str, float] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, summary: pa.Table) -> None:
+        self.processed += summary.num_rows
+        self.errors += summary.num_rows - (pc.sum(summary["ok"]).as_py() or 0)
+        sizes = [s for s in summary["core_batch_rows"].to_pylist() if s]
+        self.core_rows += len(sizes)
+        self.core_calls += sum(1 / s for s in sizes)
+        for stage in ("decode", "denoise", "write"):
+            self.stage_ms[stage] += pc.sum(summary[f"{stage}_ms"]).as_py() or 0.0
+        for actor, start in zip(
+            summary["actor_id"].to_pylist(), summary["actor_start_s"].to_pylist(), strict=True
+        ):
+            if actor and start is not None:
+                self.actor_start_s[actor] = start
+
+    def batch_fill(self, batch_size: int) -> float | None:
+        """Mean rows per core call over the batch size (1.0 = every call full)."""
+        return self.core_rows / (self.core_calls * batch_size) if self.core_calls else None
+
+
+def run(plan: RunPlan) -> dict[str, Any]:
+    """Run the job for a checked plan; returns the summary dict (with `exit_code`)."""
+    import ray
+
+    config = plan.config
+    sink = OutputSink(plan.storage, config.output)
+    if plan.todo_rows == 0 and sink.is_committed():
+        return _already_complete(plan, sink)
+    _init_ray(ray)
+    context = ray.data.DataContext.get_current()
+    context.max_errored_blocks = -1  # a failed block's rows are found missing and redone below
+    sink.begin()
+    sink.write_job_record({"fingerprint": config.fingerprint(), "config": config.to_dict()})
+    stats = RunStats()
+    progress = ProgressReporter(plan.todo_rows, every_s=config.log_every_s)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        _run_passes(ray, plan, sink, stats, progress)
+        _record_lost_rows(plan, sink)
+        progress.finish()
+        return _finish(plan, sink, stats)
+    except JobStopped:
+        log.warning("stopped by SIGTERM: recording what is done; rerun the same command to finish")
+        sink.record_incomplete(_run_info(plan, stats, status="stopped"))
+        return {**_summary(plan, stats, committed=False), "exit_code": EXIT_STOPPED}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _already_complete(plan: RunPlan, sink: OutputSink) -> dict[str, Any]:
+    """A rerun of a committed output with nothing new to do touches nothing."""
+    counts = sink.read_run_manifest().get("counts", {})
+    images, errors = counts.get("images", 0), counts.get("errors", 0)
+    error_rate = errors / max(1, plan.expected_rows)
+    log.info(
+        "output %s is already complete (%d images, %d errors); nothing to do",
+        sink.layout.root,
+        images,
+        errors,
+    )
+    return {
+        "rows": plan.expected_rows,
+        "images": images,
+        "errors": errors,
+        "error_rate": error_rate,
+        "output": plan.config.output,
+        "committed": True,
+        "exit_code": EXIT_OK if error_rate <= plan.config.max_error_rate else EXIT_FAILED,
+    }
+
+
+def _init_ray(ray: Any) -> None:
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise JobStopped()
+
+
+def _run_passes(
+    ray: Any, plan: RunPlan, sink: OutputSink, stats: RunStats, progress: ProgressReporter
+) -> None:
+    config = plan.config
+    batch = config.compute.batch_size
+    rounds = config.retry.retry_rounds
+    if plan.todo_rows:
+        settings = PassSettings(batch, config.compute.call_rows, False, skip_keys=ray.put(plan.done_keys))
+        _run_pass(ray, plan, settings, stats, progress, "main pass")
+    for round_number in range(1, rounds + 1):
+        todo = _todo_keys(plan, sink)
+        if len(todo) == 0:
+            return
+        last = round_number == rounds
+        size = 1 if last else max(1, batch >> round_number)
+        log.info("retry round %d/%d: %d rows, batch size %d", round_number, rounds, len(todo), size)
+        settings = PassSettings(size, size, last, only_keys=ray.put(todo), expected_rows=len(todo))
+        _run_pass(ray, plan, settings, stats, progress, f"retry round {round_number}")
+
+
+def _run_pass(
+    ray: Any, plan: RunPlan, settings: PassSettings, stats: RunStats, progress: ProgressReporter, name: str
+) -> None:
+    started = time.monotonic()
+    before = stats.processed
+    registry = make_actor_registry(ray)
+    settings = dataclasses.replace(settings, registry=registry)
+    try:
+        dataset = build_pass(ray.data, plan.config, plan.storage, plan.manifest, settings)
+        for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stats.add(summary)
+            progress.update(stats.processed, stats.errors)
+    finally:
+        try:
+            release_actors(ray, registry)  # their GPUs are free for the next round at once
+        except Exception as error:  # noqa: BLE001 - never hide the pass's own outcome
+            log.warning("could not release the pass's actors: %s", error)
+    stats.passes.append(
+        {"name": name, "rows": stats.processed - before, "seconds": round(time.monotonic() - started, 3)}
+    )
+
+
+def _todo_keys(plan: RunPlan, sink: OutputSink) -> pa.Array:
+    """Keys with no result yet, or whose error may go away on another try."""
+    done = sink.committed_keys()
+    errors = sink.read_errors()
+    final_errors = errors.filter(pc.invert(errors["retryable"]))
+    settled = pa.chunked_array(
+        [key_strings(done["id"], done["variant"]), key_strings(final_errors["id"], final_errors["variant"])],
+        pa.string(),
+    ).combine_chunks()
+    return plan.expected_keys.filter(pc.invert(pc.is_in(plan.expected_keys, value_set=settled)))
+
+
+def _record_lost_rows(plan: RunPlan, sink: OutputSink) -> None:
+    """Rows still without a result after every round (their worker kept dying) become error rows."""
+    done = sink.committed_keys()
+    errors = sink.read_errors()
+    settled = pa.chunked_array(
+        [key_strings(done["id"], done["variant"]), key_strings(errors["id"], errors["variant"])], pa.string()
+    ).combine_chunks()
+    lost = plan.expected_keys.filter(pc.invert(pc.is_in(plan.expected_keys, value_set=settled)))
+    if len(lost) == 0:
+        return
+    attempts = plan.config.retry.retry_rounds + 1
+    records = []
+    for key in lost.to_pylist():
+        row_id, _, variant = key.rpartition("\x00")
+        records.append(
+            ErrorRecord(
+                row_id,
+                int(variant),
+                "denoise",
+                "WorkerDied",
+                f"no result after {attempts} passes: the worker processing this row died each time (a crash, "
+                "out of memory or os._exit inside the model call); other rows of its batches were redone",
+                attempts,
+                True,
+            )
+        )
+    log.warning("%d rows never produced a result; recorded as errors", len(records))
+    sink.write_errors(errors_table(records))
+
+
+def _finish(plan: RunPlan, sink: OutputSink, stats: RunStats) -> dict[str, Any]:
+    config = plan.config
+    sheet = write_contact_sheet(sink, plan, config.contact_sheet_rows)
+    try:
+        counts = sink.commit(
+            _run_info(plan, stats, status="complete", contact_sheet=sheet), plan.expected_rows
+        )
+        committed = True
+    except CommitError as error:
+        log.error("%s", error)
+        counts, committed = None, False
+    summary = _summary(plan, stats, committed=committed, contact_sheet=sheet)
+    if counts is not None:
+        summary.update(images=counts.images, errors=counts.errors)
+        summary["error_rate"] = counts.errors / max(1, plan.expected_rows)
+    ok = committed and summary.get("error_rate", 1.0) <= config.max_error_rate
+    summary["exit_code"] = EXIT_OK if ok else EXIT_FAILED
+    return summary
+
+
+def _run_info(
+    plan: RunPlan, stats: RunStats, status: str, contact_sheet: str | None = None
+) -> dict[str, Any]:
+    config = plan.config
+    info = {
+        "status": status,
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "versions": _versions(),
+        "storage": plan.storage.describe(),
+        "rows": plan.expected_rows,
+        "skipped_already_done": len(plan.done_keys),
+        "elapsed_s": round(time.monotonic() - stats.started, 3),
+        "images_per_s": round(
+            (stats.processed - stats.errors) / max(1e-9, time.monotonic() - stats.started), 4
+        ),
+        "passes": stats.passes,
+        "batch_fill": stats.batch_fill(config.compute.batch_size),
+        "stage_seconds": {k: round(v / 1000, 3) for k, v in stats.stage_ms.items()},
+        "actor_start_s": max(stats.actor_start_s.values(), default=None),
+        "contact_sheet": contact_sheet,
+    }
+    info.update(_model_hashes(plan))
+    return info
+
+
+def _model_hashes(plan: RunPlan) -> dict[str, Any]:
+    """The model and adapter hashes the actors recorded (from one committed metadata row)."""
+    sink = OutputSink(plan.storage, plan.config.output)
+    parts = sink.metadata_parts()
+    if not parts:
+        return {}
+    row = sink.read_metadata(["id", "variant", "model_sha256", "adapters"]).slice(0, 1).to_pylist()
+    return {"model_sha256": row[0]["model_sha256"], "adapters": row[0]["adapters"]} if row else {}
+
+
+def _summary(
+    plan: RunPlan, stats: RunStats, committed: bool, contact_sheet: str | None = None
+) -> dict[str, Any]:
+    elapsed = time.monotonic() - stats.started
+    images = stats.processed - stats.errors
+    return {
+        "rows": plan.expected_rows,
+        "images": images,
+        "errors": stats.errors,
+        "error_rate": stats.errors / max(1, plan.expected_rows),
+        "elapsed_s": elapsed,
+        "images_per_s": images / elapsed if elapsed > 0 else None,
+        "batch_fill": stats.batch_fill(plan.config.compute.batch_size),
+        "stage_seconds": {k: v / 1000 for k, v in stats.stage_ms.items()},
+        "actor_start_s": max(stats.actor_start_s.values(), default=None),
+        "output": plan.config.output,
+        "contact_sheet": contact_sheet,
+        "committed": committed,
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("sdbatch", "torch", "ray", "transformers", "pyarrow", "s3fs"):
+        try:
+            versions[package] = package_metadata.version(package)
+        except package_metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["python"] = sys.version.split()[0]
+    return versions
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.img2img") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Stable Diffusion img2img over a Parquet manifest"
+    )
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        plan = make_plan(config)
+    except (ConfigError, PlanError) as error:
+        print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
+        return EXIT_REFUSED
+    for line in plan.describe():
+        print(line)
+    if args.dry_run:
+        print("dry run: configuration, manifest and output checked; nothing was run")
+        return EXIT_REFUSED if plan.missing_images else EXIT_OK
+    summary = run(plan)
+    for line in summary_lines(summary):
+        print(line)
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

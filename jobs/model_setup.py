@@ -1,0 +1,104 @@
+"""Build the ready pipeline inside an actor: fetch the model and adapters, load, pin, warm up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.storage import Storage
+from jobs.config import RunConfig
+from jobs.model_cache import cached_sha256, local_copy
+
+log = logging.getLogger("sdbatch")
+
+WARMUP_SIZE = 64  # one tiny call compiles kernels and allocates workspaces before real rows arrive
+
+
+def resolve_device(config: RunConfig) -> str:
+    import torch
+
+    wanted = config.compute.device
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() and config.compute.gpus_per_actor > 0 else "cpu"
+    return wanted
+
+
+def resolve_dtype(name: str | None, device: str):
+    import torch
+
+    if name is None:
+        return None
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+@dataclass
+class PipelineFactory:
+    """Picklable recipe the actor calls once: returns (pipeline, model_info)."""
+
+    config: RunConfig
+
+    def __call__(self) -> tuple[Any, dict[str, str]]:
+        import torch
+
+        from jobs.stages import adapters_json
+        from sd_core import Img2ImgPipeline
+
+        config = self.config
+        storage = Storage(config.storage.to_options(config.retry))
+        device = resolve_device(config)
+        if device == "cpu" and config.compute.cpus_per_actor >= 1:
+            torch.set_num_threads(max(1, int(config.compute.cpus_per_actor)))
+        model = config.model
+        model_path = local_copy(model.path, storage)
+        pipe = Img2ImgPipeline.from_pretrained(
+            model_path,
+            device=device,
+            dtype=resolve_dtype(model.dtype, device),
+            scheduler=model.scheduler,
+            vae_dtype=resolve_dtype(model.vae_dtype, device),
+            prediction_type=model.prediction_type,
+            allow_pickle=model.allow_pickle,
+            config=local_copy(model.config, storage) if model.config else None,
+        )
+        loras = [
+            (local_copy(lora.path, storage), lora.scale, lora.text_encoder_scale)
+            for lora in config.adapters.loras
+        ]
+        if loras:
+            pipe.load_loras(loras, allow_pickle=model.allow_pickle)
+        for embedding in config.adapters.embeddings:
+            pipe.load_textual_inversion(
+                local_copy(embedding.path, storage), token=embedding.token, allow_pickle=model.allow_pickle
+            )
+        _warm_up(pipe, config)
+        info = {
+            "model_sha256": cached_sha256(model_path),
+            "adapters_json": adapters_json(pipe.adapters),
+            "scheduler": pipe.scheduler.name,
+            "device": device,
+        }
+        return pipe, info
+
+
+def core_clip_skip(clip_skip: int) -> int | None:
+    """The config counts like A1111 (1 = last layer, 2 = the one before); the core counts layers skipped."""
+    return None if clip_skip <= 1 else clip_skip - 1
+
+
+def _warm_up(pipe: Any, config: RunConfig) -> None:
+    import torch
+
+    pixels = torch.full((1, 3, WARMUP_SIZE, WARMUP_SIZE), 0.5)
+    clip_skip = core_clip_skip(config.model.clip_skip)
+    pipe(
+        pixels,
+        ["warm-up"],
+        strength=1.0,
+        num_inference_steps=1,
+        seeds=[0],
+        guidance_scale=2.0,
+        clip_skip=clip_skip,
+    )

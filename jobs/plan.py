@@ -1,0 +1,161 @@
+"""Everything checked before any work starts, and what the run has to do (`--dry-run` prints this).
+
+No model is loaded and no Ray cluster is needed here: bad configuration, a bad manifest or an output
+written with another configuration is refused before a GPU is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.manifest import (
+    Manifest,
+    ManifestSummary,
+    open_manifest,
+    resolve_image_uri,
+    validate_manifest,
+)
+from connectors.output import OutputSink
+from connectors.storage import Storage
+from jobs.config import RunConfig
+from jobs.rows import key_strings
+
+SAMPLE_IMAGES = 16  # input images checked for existence up front
+
+
+class PlanError(ValueError):
+    """The run cannot start: the message says what, where and how to fix it."""
+
+
+@dataclass
+class RunPlan:
+    config: RunConfig
+    storage: Storage
+    manifest: Manifest
+    summary: ManifestSummary
+    expected_keys: pa.Array  # key strings of every (id, variant) the manifest asks for
+    done_keys: pa.Array  # already accounted for in the output (skipped)
+    missing_images: list[str] = field(default_factory=list)
+
+    @property
+    def expected_rows(self) -> int:
+        return len(self.expected_keys)
+
+    @property
+    def todo_rows(self) -> int:
+        return self.expected_rows - len(self.done_keys)
+
+    def describe(self) -> list[str]:
+        config = self.config
+        lines = [
+            f"manifest  {self.summary.uri}: {self.summary.num_rows} rows "
+            f"({self.summary.uri_images} image URIs, {self.summary.binary_images} inline images)",
+            f"work      {self.expected_rows} images (rows x variants); {len(self.done_keys)} already done; "
+            f"{self.todo_rows} to do",
+            f"model     {config.model.path} (scheduler {config.model.scheduler or 'model default'}, "
+            f"dtype {config.model.dtype})",
+            f"adapters  {len(config.adapters.loras)} LoRA, {len(config.adapters.embeddings)} embeddings",
+            f"output    {config.output}",
+            f"compute   batch {config.compute.batch_size}, actors {config.compute.actors_min}-"
+            f"{config.compute.actors_max}, {config.compute.gpus_per_actor} GPU / "
+            f"{config.compute.cpus_per_actor} CPU per actor",
+        ]
+        if self.summary.extra_columns:
+            lines.append(f"carried   extra columns {', '.join(self.summary.extra_columns)}")
+        if self.summary.bad_rows:
+            lines.append("bad rows  (these become error rows; the run goes on):")
+            lines.extend(self.summary.bad_rows)
+        if self.missing_images:
+            lines.append(f"missing   {len(self.missing_images)} of the first {SAMPLE_IMAGES} input images:")
+            lines.extend(f"  - {uri}" for uri in self.missing_images)
+        return lines
+
+
+def make_plan(config: RunConfig) -> RunPlan:
+    """Check the model, adapters, manifest and output; count the work. Raises PlanError."""
+    storage = Storage(config.storage.to_options(config.retry))
+    _check_inputs_exist(config, storage)
+    fs, _ = storage.filesystem(config.manifest)
+    try:
+        summary = validate_manifest(config.manifest, fs, rows_as_errors=True)
+        manifest = open_manifest(config.manifest, fs)
+    except ValueError as error:
+        raise PlanError(str(error)) from error
+    sink = OutputSink(storage, config.output)
+    _check_same_configuration(config, sink)
+    expected = expected_keys(manifest, config)
+    done = _done_keys(sink, config.retry_errors)
+    done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
+    missing = _sample_missing_images(manifest, storage, fs)
+    return RunPlan(config, storage, manifest, summary, expected, done, missing)
+
+
+def expected_keys(manifest: Manifest, config: RunConfig) -> pa.Array:
+    """Key strings of every (id, variant): each row's num_images (or the default; 1 when invalid)."""
+    columns = ["id"] + (["num_images"] if "num_images" in manifest.dataset.schema.names else [])
+    chunks = []
+    for batch in manifest.dataset.to_batches(columns=columns, batch_size=65536):
+        ids = batch.column("id")
+        has_counts = "num_images" in batch.schema.names
+        counts = batch.column("num_images").to_pylist() if has_counts else [None] * len(ids)
+        repeated_ids, variants = [], []
+        for row_id, count in zip(ids.to_pylist(), counts, strict=True):
+            count = config.defaults.num_images if count is None else count
+            count = count if isinstance(count, int) and 1 <= count <= 64 else 1
+            repeated_ids.extend([row_id] * count)
+            variants.extend(range(count))
+        chunks.append(key_strings(pa.array(repeated_ids, pa.string()), pa.array(variants, pa.int32())))
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _done_keys(sink: OutputSink, retry_errors: bool) -> pa.Array:
+    done = sink.committed_keys()
+    keys = [key_strings(done["id"], done["variant"])]
+    if not retry_errors:
+        errors = sink.read_errors()
+        keys.append(key_strings(errors["id"], errors["variant"]))
+    merged = pa.chunked_array(keys, pa.string()).combine_chunks()
+    return pc.unique(merged)
+
+
+def _check_inputs_exist(config: RunConfig, storage: Storage) -> None:
+    paths = [("model.path", config.model.path)]
+    if config.model.config:
+        paths.append(("model.config", config.model.config))
+    paths += [(f"adapters.loras[{i}].path", a.path) for i, a in enumerate(config.adapters.loras)]
+    paths += [(f"adapters.embeddings[{i}].path", a.path) for i, a in enumerate(config.adapters.embeddings)]
+    missing = [f"  - {key}: {path}" for key, path in paths if not storage.exists(path)]
+    if missing:
+        listing = "\n".join(missing)
+        raise PlanError(f"these inputs do not exist; fix the paths in the config or flags:\n{listing}")
+
+
+def _check_same_configuration(config: RunConfig, sink: OutputSink) -> None:
+    record = sink.read_job_record()
+    if record is None or config.force:
+        return
+    if record.get("fingerprint") != config.fingerprint():
+        raise PlanError(
+            f"output {config.output} was written by a run with a different configuration (model, adapters, "
+            "defaults or seed differ), so its images would not match this run's. Write to a new output, "
+            "or pass --force to add to it anyway"
+        )
+
+
+def _sample_missing_images(manifest: Manifest, storage: Storage, fs) -> list[str]:
+    if "image" not in manifest.dataset.schema.names:
+        return []
+    batch = manifest.dataset.head(SAMPLE_IMAGES, columns=["image"])
+    missing = []
+    for value in batch.column("image").to_pylist():
+        if isinstance(value, str) and value:
+            try:
+                uri = resolve_image_uri(manifest.base_uri, value)
+            except ValueError:
+                continue
+            if not storage.exists(uri):
+                missing.append(uri)
+    return missing
