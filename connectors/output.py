@@ -167,9 +167,10 @@ class OutputSink:
     def error_parts(self) -> list[str]:
         return self.storage.list_files(self.layout.errors_dir, PART_PATTERN)
 
-    def read_metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """All committed metadata rows (each (id, variant) once)."""
-        return _unique_keys(self._read_parts(self.metadata_parts(), columns))
+    def read_metadata(self, columns: Sequence[str] | None = None, unique: bool = True) -> pa.Table:
+        """All committed metadata rows, each (id, variant) once (`unique=False`: as stored, for audits)."""
+        table = self._read_parts(self.metadata_parts(), columns)
+        return _unique_keys(table) if unique else table
 
     def read_errors(self) -> pa.Table:
         return self._read_parts(self.error_parts(), None, ERRORS_SCHEMA)

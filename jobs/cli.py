@@ -1,4 +1,4 @@
-"""The `sdbatch` command: `sdbatch run ...` (the img2img job) and `sdbatch demo`."""
+"""The `sdbatch` command: `sdbatch run ...` (the img2img job), `sdbatch verify ...` and `sdbatch demo`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "run": "run the img2img job (same flags as `python -m jobs.img2img`; --help for them)",
+    "verify": "check an output's accounting: every input row once in metadata or errors (--help)",
     "demo": "run the job on generated images with a tiny model it makes (what `make demo` does)",
 }
 
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.img2img import main as run_main
 
         return run_main(rest, prog="sdbatch run")
+    if command == "verify":
+        from jobs.verify import main as verify_main
+
+        return verify_main(rest)
     from jobs.demo import main as demo_main
 
     return demo_main(rest)

@@ -86,14 +86,14 @@ def make_plan(config: RunConfig) -> RunPlan:
         raise PlanError(str(error)) from error
     sink = OutputSink(storage, config.output)
     _check_same_configuration(config, sink)
-    expected = expected_keys(manifest, config)
+    expected = expected_keys(manifest, config.defaults.num_images)
     done = _done_keys(sink, config.retry_errors)
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
     missing = _sample_missing_images(manifest, storage, fs)
     return RunPlan(config, storage, manifest, summary, expected, done, missing)
 
 
-def expected_keys(manifest: Manifest, config: RunConfig) -> pa.Array:
+def expected_keys(manifest: Manifest, default_num_images: int) -> pa.Array:
     """Key strings of every (id, variant): each row's num_images (or the default; 1 when invalid)."""
     columns = ["id"] + (["num_images"] if "num_images" in manifest.dataset.schema.names else [])
     chunks = []
@@ -103,7 +103,7 @@ def expected_keys(manifest: Manifest, config: RunConfig) -> pa.Array:
         counts = batch.column("num_images").to_pylist() if has_counts else [None] * len(ids)
         repeated_ids, variants = [], []
         for row_id, count in zip(ids.to_pylist(), counts, strict=True):
-            count = config.defaults.num_images if count is None else count
+            count = default_num_images if count is None else count
             count = count if isinstance(count, int) and 1 <= count <= 64 else 1
             repeated_ids.extend([row_id] * count)
             variants.extend(range(count))

@@ -19,6 +19,7 @@ from jobs.config import load_config
 from jobs.img2img import EXIT_OK, run
 from jobs.plan import make_plan
 from jobs.stages import png_pixels, to_uint8
+from jobs.verify import verify_output
 from sd_core import Img2ImgPipeline
 from tests.ray_services import POISON_PROMPT
 
@@ -149,6 +150,7 @@ def test_end_to_end_on_s3_matches_the_core(s3_job, model_dirs):
         difference = np.abs(produced.astype(int) - expected.astype(int))
         assert difference.max() <= 1 and difference.mean() < 0.01, (row["id"], difference.max())
     assert storage.exists(join_uri(output, "contact_sheet.png"))
+    assert verify_output(storage, output, manifest, check_all_images=True).ok
 
 
 def test_bad_rows_become_error_rows_and_the_run_completes(s3_job, model_dirs, tmp_path):

@@ -14,6 +14,7 @@ from connectors.output import OutputSink
 from connectors.storage import Storage, StorageOptions, join_uri
 from jobs.img2img import EXIT_OK, run
 from jobs.plan import make_plan
+from jobs.verify import verify_output
 from tests.jobs.test_img2img import make_config, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -104,6 +105,8 @@ def test_driver_killed_mid_run_then_rerun(ray_driver, s3_server, model_dirs):
         if key in committed_before:
             assert storage.read_bytes(row["output"]) == committed_before[key]
 
+    report = verify_output(storage, output, manifest, check_all_images=True)
+    assert report.ok, report.lines()
     # A second rerun has nothing to do and touches nothing.
     before = object_listing(storage, output)
     again = make_plan(config)

@@ -1,0 +1,180 @@
+"""`sdbatch verify OUTPUT --manifest MANIFEST`: check an output's accounting, as a user can at any time.
+
+The invariant: every (id, variant) the manifest asks for is in exactly one of {metadata, errors}, once;
+nothing else is; every metadata row's image exists and decodes at the recorded size; `_SUCCESS`, when
+present, matches the counts and is missing only while the output is incomplete. Image keys that no
+metadata row names (left by a crash before their part was written) are listed as information.
+Reads the metadata and errors parts, and images on a sample unless `--all`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.image_decode import decode_image
+from connectors.manifest import open_manifest
+from connectors.output import OutputSink
+from connectors.storage import Storage, StorageOptions, join_uri
+from jobs.plan import expected_keys
+from jobs.rows import key_strings
+
+SAMPLE_IMAGES = 64
+SHOWN = 5  # keys named per problem
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        verdict = (
+            "OK: the accounting invariant holds" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        )
+        counts = ", ".join(f"{name} {value}" for name, value in self.counts.items())
+        return (
+            [verdict, f"  counts: {counts}"]
+            + [f"  - {p}" for p in self.problems]
+            + [f"  info: {i}" for i in self.info]
+        )
+
+
+def verify_output(
+    storage: Storage, output: str, manifest_uri: str, check_all_images: bool = False, seed: int = 0
+) -> VerifyReport:
+    report = VerifyReport()
+    sink = OutputSink(storage, output)
+    fs, _ = storage.filesystem(manifest_uri)
+    expected = expected_keys(open_manifest(manifest_uri, fs), _default_num_images(sink))
+    metadata = sink.read_metadata(unique=False)
+    errors = sink.read_errors()
+    meta_keys = key_strings(metadata["id"], metadata["variant"])
+    error_keys = key_strings(errors["id"], errors["variant"])
+    report.counts = {"expected": len(expected), "images": len(metadata), "errors": len(errors)}
+    _duplicates(report, "metadata", meta_keys)
+    _duplicates(report, "errors", error_keys)
+    _listed(
+        report, "in both metadata and errors", pc.filter(meta_keys, pc.is_in(meta_keys, value_set=error_keys))
+    )
+    settled = pa.chunked_array([meta_keys, error_keys], pa.string()).combine_chunks()
+    _listed(
+        report,
+        "in the manifest but in neither metadata nor errors",
+        pc.filter(expected, pc.invert(pc.is_in(expected, value_set=settled))),
+    )
+    _listed(
+        report,
+        "in the output but not asked for by the manifest",
+        pc.filter(settled, pc.invert(pc.is_in(settled, value_set=expected))),
+    )
+    _check_images(report, storage, metadata, check_all_images, seed)
+    _check_success(report, sink, len(metadata), len(errors), len(expected))
+    _orphans(report, storage, sink, metadata)
+    return report
+
+
+def _default_num_images(sink: OutputSink) -> int:
+    record = sink.read_job_record() or {}
+    return int(record.get("config", {}).get("defaults", {}).get("num_images", 1))
+
+
+def _duplicates(report: VerifyReport, table: str, keys: pa.Array) -> None:
+    counts = pa.table({"key": keys}).group_by("key").aggregate([("key", "count")])
+    repeated = counts.filter(pc.greater(counts["key_count"], 1))["key"]
+    _listed(report, f"more than once in {table}", repeated)
+
+
+def _listed(report: VerifyReport, what: str, keys: pa.Array) -> None:
+    if len(keys):
+        shown = ", ".join(_label(k) for k in keys.slice(0, SHOWN).to_pylist())
+        more = ", ..." if len(keys) > SHOWN else ""
+        report.problems.append(f"{len(keys)} (id, variant) {what}: {shown}{more}")
+
+
+def _label(key: str) -> str:
+    row_id, _, variant = key.rpartition("\x00")
+    return f"({row_id!r}, {variant})"
+
+
+def _check_images(
+    report: VerifyReport, storage: Storage, metadata: pa.Table, check_all: bool, seed: int
+) -> None:
+    rows = metadata.select(["id", "variant", "output", "width", "height"]).to_pylist()
+    if not check_all and len(rows) > SAMPLE_IMAGES:
+        rows = random.Random(seed).sample(rows, SAMPLE_IMAGES)
+    bad = []
+    for row in rows:
+        try:
+            image = decode_image(storage.read_bytes(row["output"]), row["output"])
+        except Exception as error:  # noqa: BLE001 - each unreadable image is one finding
+            bad.append(f"{row['output']} ({type(error).__name__}: {error})")
+            continue
+        if image.size != (row["width"], row["height"]):
+            bad.append(
+                f"{row['output']} is {image.size[0]}x{image.size[1]}, metadata says "
+                f"{row['width']}x{row['height']}"
+            )
+    report.counts["images_checked"] = len(rows)
+    if bad:
+        report.problems.append(
+            f"{len(bad)} of {len(rows)} checked images are missing, unreadable or the "
+            f"wrong size: " + "; ".join(bad[:SHOWN])
+        )
+
+
+def _check_success(report: VerifyReport, sink: OutputSink, images: int, errors: int, expected: int) -> None:
+    if not sink.is_committed():
+        report.problems.append("no _SUCCESS: the run has not committed; rerun the job to finish it")
+        return
+    marker = json.loads(sink.storage.read_bytes(sink.layout.success_marker))
+    if (marker.get("images"), marker.get("errors")) != (images, errors):
+        report.problems.append(
+            f"_SUCCESS says {marker.get('images')} images and {marker.get('errors')} errors, the parts hold "
+            f"{images} and {errors}"
+        )
+    if images + errors != expected:
+        report.problems.append(f"_SUCCESS is present but {images} + {errors} rows != {expected} expected")
+
+
+def _orphans(report: VerifyReport, storage: Storage, sink: OutputSink, metadata: pa.Table) -> None:
+    fs, root = storage.filesystem(join_uri(sink.layout.root, "images"))
+    if not fs.exists(root):
+        return
+    written = {join_uri(sink.layout.root, "images", p[len(root.rstrip("/")) + 1 :]) for p in fs.find(root)}
+    named = set(metadata["output"].to_pylist()) if "output" in metadata.column_names else set()
+    orphans = sorted(written - named)
+    if orphans:
+        report.info.append(
+            f"{len(orphans)} image(s) no metadata row names (written before a crash; a "
+            f"resumed run overwrites them): {', '.join(orphans[:SHOWN])}"
+        )
+
+
+def main(argv: list[str] | None = None, prog: str = "sdbatch verify") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="the job's output URI")
+    parser.add_argument("--manifest", required=True, help="the manifest the job ran on")
+    parser.add_argument("--all", action="store_true", help="decode every image, not a sample")
+    parser.add_argument("--storage-endpoint", help="endpoint URL of an S3-compatible store")
+    args = parser.parse_args(argv)
+    storage = Storage(StorageOptions(endpoint_url=args.storage_endpoint))
+    report = verify_output(storage, args.output, args.manifest, check_all_images=args.all)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
