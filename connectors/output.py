@@ -197,7 +197,7 @@ class OutputSink:
     def _read_parts(
         self, uris: Sequence[str], columns: Sequence[str] | None, schema: pa.Schema | None = None
     ) -> pa.Table:
-        tables = self._read_tables(uris, columns)
+        tables = self.read_part_tables(uris, columns)
         if not tables:
             if schema is not None:
                 return schema.empty_table()
@@ -205,7 +205,8 @@ class OutputSink:
             return pa.table({n: pa.array([], pa.int32() if n == "variant" else pa.string()) for n in names})
         return pa.concat_tables(tables, promote_options="permissive")
 
-    def _read_tables(self, uris: Sequence[str], columns: Sequence[str] | None) -> list[pa.Table]:
+    def read_part_tables(self, uris: Sequence[str], columns: Sequence[str] | None) -> list[pa.Table]:
+        """The given parts as tables, as stored (read in parallel)."""
         def read(uri: str) -> pa.Table:
             data = self.storage.read_bytes(uri)
             return pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
@@ -233,7 +234,7 @@ class OutputSink:
         keys = _unique_keys(self._read_parts(metadata_parts, KEY_COLUMNS))
         superseded = self._settle_errors(keys)
         error_parts = self.error_parts()
-        error_count = sum(t.num_rows for t in self._read_tables(error_parts, KEY_COLUMNS))
+        error_count = sum(t.num_rows for t in self.read_part_tables(error_parts, KEY_COLUMNS))
         summary = CommitSummary(
             images=keys.num_rows,
             errors=error_count,
@@ -275,7 +276,7 @@ class OutputSink:
     def _settle_metadata(self) -> int:
         """Rewrite the parts that share keys with another part so each key is in one part."""
         parts = self.metadata_parts()
-        tables = self._read_tables(parts, KEY_COLUMNS)
+        tables = self.read_part_tables(parts, KEY_COLUMNS)
         if not tables:
             return 0
         indexed = pa.concat_tables(
@@ -288,7 +289,7 @@ class OutputSink:
         affected_rows = indexed.join(repeated.select(list(KEY_COLUMNS)), list(KEY_COLUMNS), join_type="inner")
         affected = sorted(set(affected_rows["part"].to_pylist()))
         merged = pa.concat_tables(
-            self._read_tables([parts[i] for i in affected], None), promote_options="permissive"
+            self.read_part_tables([parts[i] for i in affected], None), promote_options="permissive"
         )
         unique = _unique_keys(merged)
         self._replace_parts(self.layout.metadata_dir, [parts[i] for i in affected], unique)
@@ -300,7 +301,7 @@ class OutputSink:
         if not parts:
             return 0
         errors = self._read_parts(parts, None, ERRORS_SCHEMA)
-        done = pc.is_in(_key_strings(errors), value_set=_key_strings(committed))
+        done = pc.is_in(table_keys(errors), value_set=table_keys(committed))
         pending = errors.filter(pc.invert(done))
         latest = _unique_keys(pending.sort_by([("attempts", "descending")]))
         removed = errors.num_rows - latest.num_rows
@@ -334,11 +335,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _key_strings(table: pa.Table) -> pa.Array:
-    """One string per row that identifies its (id, variant), for set membership in pyarrow."""
-    return pc.binary_join_element_wise(
-        table["id"].cast(pa.string()), pc.cast(table["variant"], pa.string()), "\x00"
-    )
+def key_strings(ids: pa.Array | pa.ChunkedArray, variants: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One string per (id, variant), for set membership tests in pyarrow."""
+    return pc.binary_join_element_wise(pc.cast(ids, pa.string()), pc.cast(variants, pa.string()), "\x00")
+
+
+def table_keys(table: pa.Table) -> pa.Array:
+    """`key_strings` of a table's id and variant columns."""
+    return key_strings(table["id"], table["variant"])
 
 
 def _unique_keys(table: pa.Table) -> pa.Table:

@@ -28,9 +28,8 @@ from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table
 from jobs.config import ConfigError, add_run_arguments, config_from_args
 from jobs.contact import write_contact_sheet
 from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
-from jobs.plan import PlanError, RunPlan, make_plan
+from jobs.plan import PlanError, RunPlan, make_plan, unsettled_keys
 from jobs.report import ProgressReporter, summary_lines
-from jobs.rows import key_strings
 
 log = logging.getLogger("sdbatch")
 
@@ -143,7 +142,7 @@ def _run_passes(
         settings = PassSettings(batch, config.compute.call_rows, False, skip_keys=ray.put(plan.done_keys))
         _run_pass(ray, plan, settings, stats, progress, "main pass")
     for round_number in range(1, rounds + 1):
-        todo = _todo_keys(plan, sink)
+        todo = unsettled_keys(plan.expected_keys, sink, errors="final")  # retryable errors are redone
         if len(todo) == 0:
             return
         last = round_number == rounds
@@ -175,26 +174,9 @@ def _run_pass(
     )
 
 
-def _todo_keys(plan: RunPlan, sink: OutputSink) -> pa.Array:
-    """Keys with no result yet, or whose error may go away on another try."""
-    done = sink.committed_keys()
-    errors = sink.read_errors()
-    final_errors = errors.filter(pc.invert(errors["retryable"]))
-    settled = pa.chunked_array(
-        [key_strings(done["id"], done["variant"]), key_strings(final_errors["id"], final_errors["variant"])],
-        pa.string(),
-    ).combine_chunks()
-    return plan.expected_keys.filter(pc.invert(pc.is_in(plan.expected_keys, value_set=settled)))
-
-
 def _record_lost_rows(plan: RunPlan, sink: OutputSink) -> None:
     """Rows still without a result after every round (their worker kept dying) become error rows."""
-    done = sink.committed_keys()
-    errors = sink.read_errors()
-    settled = pa.chunked_array(
-        [key_strings(done["id"], done["variant"]), key_strings(errors["id"], errors["variant"])], pa.string()
-    ).combine_chunks()
-    lost = plan.expected_keys.filter(pc.invert(pc.is_in(plan.expected_keys, value_set=settled)))
+    lost = unsettled_keys(plan.expected_keys, sink, errors="all")
     if len(lost) == 0:
         return
     attempts = plan.config.retry.retry_rounds + 1
@@ -264,12 +246,12 @@ def _run_info(
 
 
 def _model_hashes(plan: RunPlan) -> dict[str, Any]:
-    """The model and adapter hashes the actors recorded (from one committed metadata row)."""
+    """The model and adapter hashes the actors recorded (from the first committed metadata part)."""
     sink = OutputSink(plan.storage, plan.config.output)
     parts = sink.metadata_parts()
     if not parts:
         return {}
-    row = sink.read_metadata(["id", "variant", "model_sha256", "adapters"]).slice(0, 1).to_pylist()
+    row = sink.read_part_tables(parts[:1], ["model_sha256", "adapters"])[0].slice(0, 1).to_pylist()
     return {"model_sha256": row[0]["model_sha256"], "adapters": row[0]["adapters"]} if row else {}
 
 

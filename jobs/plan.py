@@ -18,10 +18,10 @@ from connectors.manifest import (
     resolve_image_uri,
     validate_manifest,
 )
-from connectors.output import OutputSink
+from connectors.output import OutputSink, key_strings, table_keys
 from connectors.storage import Storage
 from jobs.config import RunConfig
-from jobs.rows import key_strings
+from jobs.rows import variant_count
 
 SAMPLE_IMAGES = 16  # input images checked for existence up front
 
@@ -87,7 +87,7 @@ def make_plan(config: RunConfig) -> RunPlan:
     sink = OutputSink(storage, config.output)
     _check_same_configuration(config, sink)
     expected = expected_keys(manifest, config.defaults.num_images)
-    done = _done_keys(sink, config.retry_errors)
+    done = settled_keys(sink, "none" if config.retry_errors else "all")
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
     missing = _sample_missing_images(manifest, storage, fs)
     return RunPlan(config, storage, manifest, summary, expected, done, missing)
@@ -102,23 +102,29 @@ def expected_keys(manifest: Manifest, default_num_images: int) -> pa.Array:
         has_counts = "num_images" in batch.schema.names
         counts = batch.column("num_images").to_pylist() if has_counts else [None] * len(ids)
         repeated_ids, variants = [], []
-        for row_id, count in zip(ids.to_pylist(), counts, strict=True):
-            count = default_num_images if count is None else count
-            count = count if isinstance(count, int) and 1 <= count <= 64 else 1
+        for row_id, num_images in zip(ids.to_pylist(), counts, strict=True):
+            count = variant_count(num_images, default_num_images)
             repeated_ids.extend([row_id] * count)
             variants.extend(range(count))
         chunks.append(key_strings(pa.array(repeated_ids, pa.string()), pa.array(variants, pa.int32())))
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
-def _done_keys(sink: OutputSink, retry_errors: bool) -> pa.Array:
-    done = sink.committed_keys()
-    keys = [key_strings(done["id"], done["variant"])]
-    if not retry_errors:
-        errors = sink.read_errors()
-        keys.append(key_strings(errors["id"], errors["variant"]))
-    merged = pa.chunked_array(keys, pa.string()).combine_chunks()
-    return pc.unique(merged)
+def settled_keys(sink: OutputSink, errors: str) -> pa.Array:
+    """Keys the output already accounts for: committed images plus, by `errors`, "all" error rows,
+    the "final" ones (not retryable) or "none"."""
+    keys = [table_keys(sink.committed_keys())]
+    if errors != "none":
+        failed = sink.read_errors()
+        if errors == "final":
+            failed = failed.filter(pc.invert(failed["retryable"]))
+        keys.append(table_keys(failed))
+    return pc.unique(pa.chunked_array(keys, pa.string()).combine_chunks())
+
+
+def unsettled_keys(expected: pa.Array, sink: OutputSink, errors: str) -> pa.Array:
+    """The `expected` keys that `settled_keys(sink, errors)` does not hold."""
+    return expected.filter(pc.invert(pc.is_in(expected, value_set=settled_keys(sink, errors))))
 
 
 def _check_inputs_exist(config: RunConfig, storage: Storage) -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.manifest import KNOWN_COLUMNS, resolve_image_uri, row_problems
+from connectors.output import key_strings
 from jobs.config import RowDefaults
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
@@ -53,11 +54,6 @@ def derived_seed(run_seed: int, row_id: str, variant: int) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") % SEED_SPACE
 
 
-def key_strings(ids: pa.Array | pa.ChunkedArray, variants: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """One string per (id, variant), for set membership tests in pyarrow."""
-    return pc.binary_join_element_wise(pc.cast(ids, pa.string()), pc.cast(variants, pa.string()), "\x00")
-
-
 def expand_rows(
     batch: pa.Table,
     defaults: RowDefaults,
@@ -80,7 +76,7 @@ def expand_rows(
     for position, row_id in enumerate(columns["id"]):
         row = {name: values[position] for name, values in columns.items()}
         problem = problems[position]
-        for variant in range(_safe_count(_value(row, "num_images", defaults.num_images))):
+        for variant in range(variant_count(row.get("num_images"), defaults.num_images)):
             items.append(_work_item(row, row_id, variant, defaults, run_seed, manifest_base, problem))
             sources.append(position)
     table = _to_table(items, sources, batch, extras)
@@ -96,8 +92,10 @@ def _fill_prompt(batch: pa.Table, defaults: RowDefaults) -> pa.Table:
     return batch.set_column(batch.column_names.index("prompt"), "prompt", filled)
 
 
-def _safe_count(count: object) -> int:
-    """The row's number of variants; 1 when the value is bad (the row is then one error item)."""
+def variant_count(num_images: object, default: int) -> int:
+    """A row's number of variants: its num_images, else the default; 1 when the value is bad (the row is
+    then one error item). The plan counts the work with the same rule."""
+    count = default if num_images is None else num_images
     return int(count) if isinstance(count, int) and 1 <= count <= 64 else 1
 
 

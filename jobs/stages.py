@@ -454,7 +454,7 @@ def _summary(row: dict) -> dict[str, Any]:
 
 
 def png_pixels(data: bytes) -> np.ndarray:
-    """Decode an output image back to uint8 pixels (tests and the contact sheet)."""
+    """Decode an output image back to uint8 pixels (for comparing outputs, e.g. in tests)."""
     return np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
 
 

@@ -20,10 +20,9 @@ import pyarrow.compute as pc
 
 from connectors.image_decode import decode_image
 from connectors.manifest import open_manifest
-from connectors.output import OutputSink
+from connectors.output import OutputSink, table_keys
 from connectors.storage import Storage, StorageOptions, join_uri
 from jobs.plan import expected_keys
-from jobs.rows import key_strings
 
 SAMPLE_IMAGES = 64
 SHOWN = 5  # keys named per problem
@@ -60,8 +59,8 @@ def verify_output(
     expected = expected_keys(open_manifest(manifest_uri, fs), _default_num_images(sink))
     metadata = sink.read_metadata(unique=False)
     errors = sink.read_errors()
-    meta_keys = key_strings(metadata["id"], metadata["variant"])
-    error_keys = key_strings(errors["id"], errors["variant"])
+    meta_keys = table_keys(metadata)
+    error_keys = table_keys(errors)
     report.counts = {"expected": len(expected), "images": len(metadata), "errors": len(errors)}
     _duplicates(report, "metadata", meta_keys)
     _duplicates(report, "errors", error_keys)

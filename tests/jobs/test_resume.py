@@ -96,9 +96,7 @@ def test_driver_killed_mid_run_then_rerun(ray_driver, s3_server, model_dirs):
     keys = list(zip(metadata["id"].to_pylist(), metadata["variant"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) == ROWS
     assert sink.read_errors().num_rows == 0
-    parts_rows = sum(
-        OutputSink(storage, output)._read_tables([uri], ["id"])[0].num_rows for uri in sink.metadata_parts()
-    )
+    parts_rows = sum(table.num_rows for table in sink.read_part_tables(sink.metadata_parts(), ["id"]))
     assert parts_rows == ROWS, "a row is in two metadata parts"
     for row in metadata.to_pylist():  # a row committed before the kill kept its image
         key = (row["id"], row["variant"])
