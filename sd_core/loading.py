@@ -16,19 +16,20 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from sd_core.checkpoint_keys import split_single_file
-from sd_core.families import bundled_config, detect_family
+from sd_core.families import detect_family
+from sd_core.model_files import (  # the "X as X" names are re-exported: other modules import them from here
+    COMPONENTS,
+    WEIGHT_STEMS,
+    check_weight_format,
+    component_weight_file,
+    single_file_configs,
+)
+from sd_core.model_files import CONFIG_METADATA_KEY as CONFIG_METADATA_KEY
+from sd_core.model_files import PICKLE_SUFFIXES as PICKLE_SUFFIXES
+from sd_core.model_files import family_of_text_config as family_of_text_config
+from sd_core.model_files import refuse_pickle as refuse_pickle
 from sd_core.tokenizer import bundled_tokenizer, load_tokenizer
 from sd_core.vae import rename_legacy_vae_keys
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-CONFIG_METADATA_KEY = "sdbatch_config"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-_PICKLE_STEMS = {
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "pytorch_model",
-}
 
 
 @dataclass
@@ -42,31 +43,15 @@ class ModelParts:
     source: str
 
 
-def refuse_pickle(path: Path) -> None:
-    raise ValueError(
-        f"{path} is a pickle file: unpickling can run arbitrary code, so sdbatch refuses it by default. "
-        "Convert it to .safetensors, or pass allow_pickle=True if you trust the file "
-        "(it is then read with torch.load(weights_only=True))."
-    )
-
-
 def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file, or from a pickle when `allow_pickle` is set."""
+    check_weight_format(path, allow_pickle)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors")
-    if not allow_pickle:
-        refuse_pickle(path)
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
-
-
-def family_of_text_config(text_config: dict) -> str:
-    """OpenCLIP (SD2) text towers use GELU; OpenAI CLIP (SD1) uses quick-GELU."""
-    return "v2" if text_config.get("hidden_act") == "gelu" else "v1"
 
 
 def patch_scheduler_config(config: dict) -> dict:
@@ -93,21 +78,11 @@ def read_folder_configs(folder: Path) -> dict[str, dict]:
 
 def _component_weights(folder: Path, name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     sub = folder / name
-    stem = _WEIGHT_STEMS[name]
-    candidates = [sub / f"{stem}.safetensors", *sorted(sub.glob(f"{stem}.*.safetensors"))]
-    safetensors_files = [p for p in candidates if p.is_file()]
-    index = sub / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+    chosen = sub / component_weight_file(folder, name, [p.name for p in sub.iterdir() if p.is_file()])
+    if chosen.name.endswith(".index.json"):
+        shards = sorted(set(_read_json(chosen)["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(str(sub / shard)).items()}
-    if safetensors_files:
-        return load_file(str(safetensors_files[0]))
-    pickled = sub / f"{_PICKLE_STEMS[name]}.bin"
-    if pickled.is_file():
-        return read_weights(pickled, allow_pickle)
-    raise FileNotFoundError(
-        f"model folder {folder} has no weights for {name!r}: expected {sub / (stem + '.safetensors')}"
-    )
+    return read_weights(chosen, allow_pickle)
 
 
 def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelParts:
@@ -120,7 +95,7 @@ def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelPart
             f"folder holds {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)"
         )
     configs = read_folder_configs(folder)
-    weights = {name: _component_weights(folder, name, allow_pickle) for name in _WEIGHT_STEMS}
+    weights = {name: _component_weights(folder, name, allow_pickle) for name in WEIGHT_STEMS}
     weights["vae"] = rename_legacy_vae_keys(weights["vae"])
     return ModelParts(
         family=family_of_text_config(configs["text_encoder"]),
@@ -131,13 +106,11 @@ def load_diffusers_folder(folder: Path, allow_pickle: bool = False) -> ModelPart
     )
 
 
-def _embedded_config(path: Path) -> dict | None:
+def _safetensors_metadata(path: Path) -> dict[str, str]:
     if path.suffix != ".safetensors":
-        return None
+        return {}
     with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    text = metadata.get(CONFIG_METADATA_KEY)
-    return json.loads(text) if text else None
+        return f.metadata() or {}
 
 
 def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None = None) -> ModelParts:
@@ -149,7 +122,7 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None
         configs = read_folder_configs(config)
         tokenizer = load_tokenizer(config / "tokenizer")
     else:
-        configs = _embedded_config(path) or bundled_config(family)
+        configs = single_file_configs(family, _safetensors_metadata(path))
         tokenizer_config = configs.get("tokenizer", {})
         tokenizer = bundled_tokenizer(tokenizer_config.get("pad_token", "<|endoftext|>"))
         tokenizer.add_tokens(tokenizer_config.get("added_tokens", []))  # textual inversion baked in

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -24,7 +24,13 @@ from sd_core.adapters.lora_formats import (
     normalise,
     read_lora_file,
 )
-from sd_core.adapters.lora_targets import UNET, LoraTargets, standard_targets, weighted_modules
+from sd_core.adapters.lora_targets import (
+    TEXT_ENCODER,
+    UNET,
+    LoraTargets,
+    standard_targets,
+    weighted_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +149,29 @@ def _float_on(factors: Factors, device: torch.device) -> Factors:
 # ---- fusing ------------------------------------------------------------------------------------------
 
 
+def model_modules(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """{component: {module name: module}} of what LoRA-family adapters patch (also on the meta device)."""
+    return {UNET: weighted_modules(unet), TEXT_ENCODER: weighted_modules(text_encoder)}
+
+
+def matching_records(
+    lora: LoadedLora, modules: Mapping[str, Mapping[str, nn.Module]]
+) -> tuple[list[LoraRecord], list[str]]:
+    """The records of `lora` that patch a module of this model, and the keys that patch none (the file's
+    unmatched keys, then those of records naming a module this model lacks). ValueError (`fit_delta`)
+    when a record's delta does not fit its module's weight. Reads shapes only: meta modules do."""
+    skipped, matching = list(lora.unmatched_keys), []
+    for record in lora.records:
+        module = modules[record.component].get(record.module)
+        if module is None:
+            skipped.extend(record.keys)
+            continue
+        where = f"{lora.name}: {record.component} module {record.module}"
+        fit_delta(delta_of(_float_on(record.factors, torch.device("meta"))), module.weight.shape, where)
+        matching.append(record)
+    return matching, skipped
+
+
 def fuse_lora(
     unet: nn.Module,
     text_encoder: nn.Module,
@@ -164,23 +193,17 @@ def fuse_loras(
     """Fuse several (lora, unet scale, text-encoder scale or None) at once: each module's deltas are summed
     in float32 and the weight is cast back once. strict: keys that match no module are an error; else a
     warning, and they are skipped."""
-    modules = {UNET: weighted_modules(unet), "text_encoder": weighted_modules(text_encoder)}
+    modules = model_modules(unet, text_encoder)
     plan: dict[tuple[str, str], list[tuple[Factors, float]]] = defaultdict(list)
     reports = []
     for lora, scale, te_scale in adapters:
         te_scale = scale if te_scale is None else te_scale
-        skipped, applied = list(lora.unmatched_keys), set()
-        for record in lora.records:
-            module = modules[record.component].get(record.module)
-            if module is None:
-                skipped.extend(record.keys)
-                continue
-            where = f"{lora.name}: {record.component} module {record.module}"
-            fit_delta(delta_of(_float_on(record.factors, torch.device("meta"))), module.weight.shape, where)
+        records, skipped = matching_records(lora, modules)
+        for record in records:
             plan[record.component, record.module].append(
                 (record.factors, scale if record.component == UNET else te_scale)
             )
-            applied.add((record.component, record.module))
+        applied = {(record.component, record.module) for record in records}
         reports.append(
             FuseReport(lora.name, len(applied), len(skipped), tuple(skipped[:_EXAMPLES]), scale, te_scale)
         )

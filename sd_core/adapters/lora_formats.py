@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from sd_core.adapters.lora_targets import LoraTargets, Target
 from sd_core.loading import read_weights
+from sd_core.model_files import SAFETENSORS_LENGTH_BYTES, parse_safetensors_header, safetensors_header_length
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 
@@ -143,9 +144,15 @@ def read_lora_file(path: Path, allow_pickle: bool = False) -> RawLoraFile:
         raise ValueError(
             f"LoRA file {path} is corrupt or truncated (not a readable safetensors file: {err})"
         ) from err
-    header_length = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    header_end = SAFETENSORS_LENGTH_BYTES + safetensors_header_length(data)
+    _, metadata = parse_safetensors_header(data[SAFETENSORS_LENGTH_BYTES:header_end])
     return RawLoraFile(tensors, metadata, sha256)
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """(module key, factor suffix) of an adapter file's key; (key, None) for a key of no supported format."""
+    suffix = max((s for s in _PARTS if key.endswith(f".{s}")), key=len, default=None)
+    return (key, None) if suffix is None else (key.removesuffix(f".{suffix}"), suffix)
 
 
 def normalise(
@@ -155,11 +162,11 @@ def normalise(
     groups: dict[str, dict[str, str]] = defaultdict(dict)  # module key -> {part suffix: file key}
     unmatched = []
     for key in sorted(tensors):  # records in one order whatever the container's
-        suffix = max((s for s in _PARTS if key.endswith(f".{s}")), key=len, default=None)
+        module_key, suffix = split_key(key)
         if suffix is None:
             unmatched.append(key)
         else:
-            groups[key.removesuffix(f".{suffix}")][suffix] = key
+            groups[module_key][suffix] = key
     peft_config = json.loads(metadata.get(PEFT_METADATA_KEY) or "{}")
     records = []
     for module_key, parts in groups.items():

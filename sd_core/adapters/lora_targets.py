@@ -11,9 +11,10 @@ tree, never by rewriting it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,12 +86,17 @@ def targets_of(unet: nn.Module, text_encoder: nn.Module) -> LoraTargets:
 def standard_targets() -> LoraTargets:
     """Targets of the standard SD1.x/SD2.x layout (module names are the same in both families; a
     23-layer text tower names every layer of SD1's 12), built on the meta device."""
-    configs = bundled_config("v2")
+    return targets_of(*meta_modules(bundled_config("v2")))
+
+
+def meta_modules(configs: Mapping[str, Mapping[str, Any]]) -> tuple[UNet, CLIPTextModel]:
+    """The UNet and CLIP text encoder that a model's "unet" / "text_encoder" config dicts describe, built
+    as the loader builds them but on the meta device: every module and shape, no memory, no weights."""
     text_fields = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet(UNetConfig.from_dict(configs["unet"]))
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_fields))
-    return targets_of(unet, text_encoder)
+    return unet, text_encoder
 
 
 def _ldm_module_names(unet: nn.Module) -> list[str]:

@@ -14,7 +14,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from sd_core.adapters.embedding_files import LoadedEmbedding, load_embedding_file
 
-__all__ = ["LoadedEmbedding", "add_embedding", "expand_prompt", "load_embedding_file"]
+__all__ = [
+    "LoadedEmbedding",
+    "add_embedding",
+    "check_embedding_width",
+    "expand_prompt",
+    "load_embedding_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +46,9 @@ def expand_prompt(text: str, tokenizer: CLIPTokenizer) -> str:
     return text
 
 
-def _check_can_add(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, emb: LoadedEmbedding, allow_override: bool
-) -> None:
+def check_embedding_width(text_encoder: CLIPTextModel, emb: LoadedEmbedding) -> None:
+    """ValueError naming both widths unless `emb`'s vectors fit the text encoder's token embeddings
+    (shapes only: a meta-device text encoder does)."""
     width = text_encoder.get_input_embeddings().embedding_dim
     if emb.width != width:
         raise ValueError(
@@ -50,6 +56,12 @@ def _check_can_add(
             f"encoder's token embeddings are {width}-wide: it is probably for another model family "
             "(SD1.x embeddings are 768-wide, SD2.x 1024-wide)"
         )
+
+
+def _check_can_add(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, emb: LoadedEmbedding, allow_override: bool
+) -> None:
+    check_embedding_width(text_encoder, emb)
     vocab = tokenizer.get_vocab()
     taken = [t for t in emb.tokens if t in vocab]
     # Siblings beyond this embedding's vectors would still be appended to the token by expand_prompt.
