@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 _GLOB = re.compile(r"[*?\[]")
 _ABSOLUTE = r"^([A-Za-z][A-Za-z0-9+.-]*://|/)"
+PROMPT_MAX_LENGTH = 10_000  # characters; CLIP reads 77 tokens, this only keeps huge values off the workers
 
 
 class ManifestError(ValueError):
@@ -33,13 +34,20 @@ class ColumnRule:
     multiple_of: int | None = None
     choices: tuple[str, ...] = ()
     expected: str = ""
+    max_length: int | None = None  # prompt columns (text for CLIP): most characters a value may have
+
+    def length_problem(self, length: int | None = None) -> str:
+        """What is wrong with a value longer than max_length (`length`, when known, is shown)."""
+        got = f" (got {length})" if length is not None else ""
+        clip = "CLIP reads only the first 77 tokens, so shorten it"
+        return f"longer than {self.max_length} characters{got}; {clip}"
 
 
 COLUMN_RULES = (
     ColumnRule("id", "string", required=True),
     ColumnRule("image", "image", required=True),
-    ColumnRule("prompt", "string", required=True),
-    ColumnRule("negative_prompt", "string"),
+    ColumnRule("prompt", "string", required=True, max_length=PROMPT_MAX_LENGTH),
+    ColumnRule("negative_prompt", "string", max_length=PROMPT_MAX_LENGTH),
     ColumnRule("strength", "float", low=0.0, high=1.0, expected="a finite number in [0, 1]"),
     ColumnRule("guidance_scale", "float", low=0.0, expected="a finite number >= 0"),
     ColumnRule("num_inference_steps", "int", low=1, high=1000, expected="an integer in 1..1000"),
@@ -203,14 +211,22 @@ def row_problems(batch: pa.Table | pa.RecordBatch) -> pa.Array:
         for problem, mask in _bad_rows(rule, values):
             for position in pc.indices_nonzero(mask).to_pylist():
                 if messages[position] is None:
-                    value = values[position].as_py()
-                    shown = "" if value is None else f" (got {_short_repr(value)})"
+                    shown = _shown_value(rule, values[position].as_py())
                     messages[position] = f"column {rule.name!r}: {problem}{shown}"
     return pa.array(messages, pa.string())
 
 
+def _shown_value(rule: ColumnRule, value: object) -> str:
+    """` (got ...)` for a row problem: the value cut to 80 characters, or only the length of a long one."""
+    if value is None:
+        return ""
+    if rule.max_length is not None and isinstance(value, str) and len(value) > rule.max_length:
+        return f" (got {len(value)} characters)"
+    return f" (got {_short_repr(value)})"
+
+
 def _short_repr(value: object) -> str:
-    text = repr(value)
+    text = repr(value[:80] if isinstance(value, (str, bytes)) else value)  # no repr of a huge value
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -317,6 +333,8 @@ def _bad_rows(rule: ColumnRule, values: pa.Array) -> list[tuple[str, pa.Array]]:
                     _climbing_paths(values),
                 )
             )
+    if rule.max_length is not None:
+        checks.append((rule.length_problem(), _too_long(values, rule.max_length)))
     if rule.expected:
         checks.append(
             (
@@ -329,6 +347,12 @@ def _bad_rows(rule: ColumnRule, values: pa.Array) -> list[tuple[str, pa.Array]]:
 
 def _is_empty(values: pa.Array) -> pa.Array:
     return pc.fill_null(pc.equal(pc.binary_length(values), 0), False)
+
+
+def _too_long(values: pa.Array, max_length: int) -> pa.Array:
+    if pa.types.is_string_view(values.type):  # utf8_length has no string_view kernel
+        values = values.cast(pa.large_string())
+    return pc.fill_null(pc.greater(pc.utf8_length(values), max_length), False)
 
 
 def _climbing_paths(values: pa.Array) -> pa.Array:

@@ -24,6 +24,7 @@ import yaml
 
 from connectors.manifest import COLUMN_RULES, ColumnRule
 from connectors.storage import RetryPolicy, StorageOptions
+from connectors.uri_policy import root_problem
 
 T = TypeVar("T")
 Problem = tuple[str, str]  # (dotted key path, what is wrong and how to fix it)
@@ -32,7 +33,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cpu", "cuda")
-_RULES = {rule.name: rule for rule in COLUMN_RULES if rule.expected}  # per-row limits, shared with manifests
+_RULES = {rule.name: rule for rule in COLUMN_RULES}  # per-row limits, shared with manifests
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,13 @@ def _rule(name: str, value: Any) -> Iterator[Problem]:
         yield from _choice(name, value, rule.choices)
     else:
         yield from _bounds(name, value, rule.low, rule.high, rule.multiple_of, rule.expected)
+
+
+def _length(name: str, value: str | None) -> Iterator[Problem]:
+    """Check a per-row default text against the manifest column's max_length."""
+    rule: ColumnRule = _RULES[name]
+    if value is not None and rule.max_length is not None and len(value) > rule.max_length:
+        yield name, rule.length_problem(len(value))
 
 
 def _not_empty(name: str, value: str) -> Iterator[Problem]:
@@ -220,6 +228,8 @@ class RowDefaults(_Checked):
     quality: int = 95  # jpeg/webp encoder quality
 
     def _problems(self) -> Iterator[Problem]:
+        for name in ("prompt", "negative_prompt"):
+            yield from _length(name, getattr(self, name))
         for name in ("strength", "guidance_scale", "num_inference_steps", "num_images", "resize_mode"):
             yield from _rule(name, getattr(self, name))
         for name in ("width", "height"):
@@ -300,6 +310,20 @@ class StorageConfig(_Checked):
         )
 
 
+@dataclass(frozen=True)
+class InputsConfig(_Checked):
+    """Where manifest rows may read their images: a manifest is user data, these limits are the operator's
+    (rules in connectors.uri_policy). Inline image bytes are always allowed."""
+
+    allowed_roots: tuple[str, ...] = ()  # URI prefixes (s3://b/data/, /mnt/data/), schemes (s3://); () = any
+
+    def _problems(self) -> Iterator[Problem]:
+        for index, root in enumerate(self.allowed_roots):
+            problem = root_problem(root)
+            if problem is not None:
+                yield f"allowed_roots[{index}]", problem
+
+
 _OUTPUT_SHAPING = ("model", "adapters", "defaults", "seed")  # what fingerprint() covers
 
 
@@ -313,6 +337,7 @@ class RunConfig(_Checked):
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)  # which rows may run: not fingerprinted
     seed: int = 0  # run seed; a row without a seed column value derives its own from this and its id
     max_error_rate: float = 0.01  # exit code 0 only when failed rows / rows <= this
     retry_errors: bool = False  # rerun rows that a previous run recorded as failed
@@ -474,13 +499,14 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Read the YAML file at `path` (None: flags give everything), apply `--set KEY=VALUE` overrides, then
-    `flags` ({dotted key path: value}; None values are skipped, lists for adapters.loras/embeddings are
+    `flags` ({dotted key path: value}; None values are skipped, lists for the _APPENDED keys are
     appended to the file's), and build a validated RunConfig."""
     data = _read_yaml(path) if path is not None else {}
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = _parse_override(text)
-        origins.update(dict.fromkeys(_put(data, key, value, f"--set {text}"), f"--set {text}"))
+        origin = _override_origin(key, text)
+        origins.update(dict.fromkeys(_put(data, key, value, origin), origin))
     for key, value in (flags or {}).items():
         if value is not None:
             origin = _FLAG_NAMES.get(key, f"flag {key}")
@@ -489,6 +515,17 @@ def load_config(
         return from_dict(RunConfig, data)
     except ConfigError as error:
         raise ConfigError(error.problems, source=path, origins=origins) from None
+
+
+_SECRET_WORDS = ("secret", "passw", "token", "credential", "access_key", "private_key", "api_key")
+
+
+def _override_origin(key: str, text: str) -> str:
+    """How messages name a `--set` override: quoted whole, but a value under a secret-looking key is masked
+    (credentials are refused anyway and must not reach logs on the way)."""
+    if any(word in key.lower() for word in _SECRET_WORDS):
+        return f"--set {key}=***"
+    return f"--set {text}"
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -596,9 +633,10 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "retry_errors": ("retry_errors", _as_given),
     "force": ("force", _as_given),
     "seed": ("seed", parse_scalar),
+    "allow_input_root": ("inputs.allowed_roots", _as_given),
 }
 _FLAG_NAMES = {key: "--" + dest.replace("_", "-") for dest, (key, _) in _FLAGS.items()}  # for messages
-_APPENDED = ("adapters.loras", "adapters.embeddings")  # flags add to the file's lists instead of replacing
+_APPENDED = ("adapters.loras", "adapters.embeddings", "inputs.allowed_roots")  # flags extend the file's lists
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -623,6 +661,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--retry-errors", action="store_true", default=None, help="rerun rows a previous run failed")
     add("--force", action="store_true", default=None, help="write over an output made with another config")
     add("--seed", metavar="N", help="run seed")
+    add("--allow-input-root", action="append", metavar="URI",
+        help="inputs.allowed_roots: rows may read images only under these prefixes or schemes (repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -6,6 +6,7 @@ written with another configuration is refused before a GPU is touched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from connectors.manifest import (
 )
 from connectors.output import OutputSink, key_strings, table_keys
 from connectors.storage import Storage
+from connectors.uri_policy import check_allowed
 from jobs.config import RunConfig
 from jobs.rows import variant_count
 
@@ -39,6 +41,7 @@ class RunPlan:
     expected_keys: pa.Array  # key strings of every (id, variant) the manifest asks for
     done_keys: pa.Array  # already accounted for in the output (skipped)
     missing_images: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # what jobs.preflight checked of model and adapters
 
     @property
     def expected_rows(self) -> int:
@@ -63,6 +66,7 @@ class RunPlan:
             f"{config.compute.actors_max}, {config.compute.gpus_per_actor} GPU / "
             f"{config.compute.cpus_per_actor} CPU per actor",
         ]
+        lines.extend(self.checks)
         if self.summary.extra_columns:
             lines.append(f"carried   extra columns {', '.join(self.summary.extra_columns)}")
         if self.summary.bad_rows:
@@ -78,6 +82,9 @@ def make_plan(config: RunConfig) -> RunPlan:
     """Check the model, adapters, manifest and output; count the work. Raises PlanError."""
     storage = Storage(config.storage.to_options(config.retry))
     _check_inputs_exist(config, storage)
+    from jobs.preflight import check_model_and_adapters  # here: preflight imports PlanError from this module
+
+    checks = check_model_and_adapters(config, storage)
     fs, _ = storage.filesystem(config.manifest)
     try:
         summary = validate_manifest(config.manifest, fs, rows_as_errors=True)
@@ -89,8 +96,8 @@ def make_plan(config: RunConfig) -> RunPlan:
     expected = expected_keys(manifest, config.defaults.num_images)
     done = settled_keys(sink, "none" if config.retry_errors else "all")
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
-    missing = _sample_missing_images(manifest, storage, fs)
-    return RunPlan(config, storage, manifest, summary, expected, done, missing)
+    missing = _sample_missing_images(manifest, storage, config.inputs.allowed_roots)
+    return RunPlan(config, storage, manifest, summary, expected, done, missing, checks)
 
 
 def expected_keys(manifest: Manifest, default_num_images: int) -> pa.Array:
@@ -151,7 +158,10 @@ def _check_same_configuration(config: RunConfig, sink: OutputSink) -> None:
         )
 
 
-def _sample_missing_images(manifest: Manifest, storage: Storage, fs) -> list[str]:
+def _sample_missing_images(manifest: Manifest, storage: Storage, allowed_roots: Sequence[str]) -> list[str]:
+    """URIs among the first rows' images that do not exist. URIs outside `allowed_roots` are not probed
+    (even asking would touch a place rows may not read) and URIs that cannot be asked about (credentials
+    written into them, no permission) are skipped: the run records those rows as errors."""
     if "image" not in manifest.dataset.schema.names:
         return []
     batch = manifest.dataset.head(SAMPLE_IMAGES, columns=["image"])
@@ -160,8 +170,8 @@ def _sample_missing_images(manifest: Manifest, storage: Storage, fs) -> list[str
         if isinstance(value, str) and value:
             try:
                 uri = resolve_image_uri(manifest.base_uri, value)
-            except ValueError:
+                if check_allowed(uri, allowed_roots) is None and not storage.exists(uri):
+                    missing.append(uri)
+            except (ValueError, OSError):
                 continue
-            if not storage.exists(uri):
-                missing.append(uri)
     return missing

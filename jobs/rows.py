@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from connectors.manifest import KNOWN_COLUMNS, resolve_image_uri, row_problems
 from connectors.output import key_strings
+from connectors.uri_policy import check_allowed
 from jobs.config import RowDefaults
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
@@ -61,11 +62,13 @@ def expand_rows(
     manifest_base: str,
     skip_keys: pa.Array | None = None,
     only_keys: pa.Array | None = None,
+    allowed_roots: Sequence[str] = (),
 ) -> pa.Table:
     """Expand manifest rows into work items, resolving defaults, seeds and image URIs.
 
     `skip_keys` (already done) and `only_keys` (a retry round's rows) are `key_strings` arrays. Rows
-    with bad values become error items (stage "validate") naming the column and the value.
+    with bad values become error items (stage "validate") naming the column and the value; so do rows
+    whose resolved image URI lies outside `allowed_roots` (type "InputNotAllowed"; empty = anywhere).
     """
     batch = _fill_prompt(batch, defaults)
     problems = row_problems(batch).to_pylist()
@@ -77,7 +80,8 @@ def expand_rows(
         row = {name: values[position] for name, values in columns.items()}
         problem = problems[position]
         for variant in range(variant_count(row.get("num_images"), defaults.num_images)):
-            items.append(_work_item(row, row_id, variant, defaults, run_seed, manifest_base, problem))
+            item = _work_item(row, row_id, variant, defaults, run_seed, manifest_base, problem)
+            items.append(_confine_input(item, allowed_roots))
             sources.append(position)
     table = _to_table(items, sources, batch, extras)
     return _filter_keys(table, skip_keys, only_keys)
@@ -142,8 +146,22 @@ def _work_item(
         except ValueError as error:
             problem = str(error)
     if problem is not None:
-        item.update(error_stage="validate", error_type="BadManifestRow", error_message=problem, attempts=1)
+        _mark_invalid(item, "BadManifestRow", problem)
     return item
+
+
+def _confine_input(item: dict, allowed_roots: Sequence[str]) -> dict:
+    """Turn a valid item whose image URI lies outside `allowed_roots` into an error item; it is never read."""
+    if item["error_type"] is None and item["image"] is not None:
+        refusal = check_allowed(item["image"], allowed_roots)
+        if refusal is not None:
+            _mark_invalid(item, "InputNotAllowed", refusal)
+            item["image"] = None
+    return item
+
+
+def _mark_invalid(item: dict, error_type: str, message: str) -> None:
+    item.update(error_stage="validate", error_type=error_type, error_message=message, attempts=1)
 
 
 def _seed(seed: int | None, row_id: str, variant: int, run_seed: int) -> int:

@@ -351,3 +351,23 @@ def test_row_problems_names_the_column_and_value_per_row():
     assert problems[1].startswith("column 'strength': out of range") and "(got 2.0)" in problems[1]
     assert problems[2].startswith("column 'num_inference_steps'") and "(got 0)" in problems[2]
     assert problems[3].startswith("column 'image': empty values")
+
+
+@pytest.mark.parametrize("column", ["prompt", "negative_prompt"])
+def test_too_long_prompts_are_short_row_problems(root, column):
+    long_text = "x" * 250_000
+    table = rows(3, **{column: ["ok", long_text, "y" * 10_000]})
+    summary = validate_manifest(put(f"{root}/m.parquet", table), rows_as_errors=True)
+    (line,) = summary.bad_rows
+    assert line == (
+        f"  - column {column!r}: longer than 10000 characters; CLIP reads only the first 77 tokens, "
+        "so shorten it [1 row: 'r1']"
+    )
+    with pytest.raises(ManifestError, match="longer than 10000 characters"):
+        validate_manifest(f"{root}/m.parquet")
+    problems = row_problems(table).to_pylist()
+    assert problems[0] is None and problems[2] is None
+    assert problems[1] == (
+        f"column {column!r}: longer than 10000 characters; CLIP reads only the first 77 tokens, "
+        "so shorten it (got 250000 characters)"
+    )

@@ -74,6 +74,7 @@ FULL = {
     "retry": {"retry_rounds": 3, "max_task_retries": 2, "storage_attempts": 4, "storage_budget_s": 30.0},
     "storage": {"endpoint_url": "http://127.0.0.1:8333", "anonymous": False, "profile": "batch",
                 "max_pool_connections": 32},
+    "inputs": {"allowed_roots": ["s3://in/images/", "/mnt/data/"]},
     "seed": 1234,
     "max_error_rate": 0.05,
     "retry_errors": True,
@@ -469,3 +470,65 @@ def test_fingerprint_is_a_stable_sha256_hex():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         full_config().seed = 3  # type: ignore[misc]
+
+
+# -- input roots ------------------------------------------------------------------------------------------
+
+
+def test_input_roots_come_from_the_file(tmp_path):
+    inputs = {"allowed_roots": ["s3://b/data/", "/mnt/in"]}
+    config = load_config(write_yaml(tmp_path, {**REQUIRED, "inputs": inputs}))
+    assert config.inputs.allowed_roots == ("s3://b/data/", "/mnt/in")
+
+
+def test_no_input_roots_by_default():
+    assert config_with().inputs.allowed_roots == ()
+
+
+def test_the_input_root_flag_is_repeatable_and_extends_the_files_roots(tmp_path):
+    path = write_yaml(tmp_path, {**REQUIRED, "inputs": {"allowed_roots": ["s3://b/data/"]}})
+    config = parse_args("--config", path, "--allow-input-root", "gs://g/", "--allow-input-root", "/mnt/in/")
+    assert config.inputs.allowed_roots == ("s3://b/data/", "gs://g/", "/mnt/in/")
+    assert parse_args("--config", path).inputs.allowed_roots == ("s3://b/data/",)
+
+
+@pytest.mark.parametrize(
+    ("root", "words"),
+    [
+        ("data/images/", "is a relative path"),
+        ("/mnt/data/../etc", "contains '..'"),
+        ("", "must not be empty"),
+        ("s3:///x", "names no bucket"),
+    ],
+)
+def test_bad_input_roots_are_refused_by_index(root, words):
+    problems = problems_of({**REQUIRED, "inputs": {"allowed_roots": ["s3://b/ok/", root]}})
+    assert list(problems) == ["inputs.allowed_roots[1]"] and words in problems["inputs.allowed_roots[1]"]
+
+
+def test_a_bad_input_root_flag_names_the_flag():
+    with pytest.raises(ConfigError, match=r"inputs\.allowed_roots\[0\] \(from --allow-input-root\): 'in/'"):
+        parse_args("--manifest", "m", "--output", "o", "--model", "p", "--allow-input-root", "in/")
+
+
+def test_input_roots_must_be_a_list_of_strings():
+    problems = problems_of({**REQUIRED, "inputs": {"allowed_roots": "s3://b/"}})
+    assert problems["inputs.allowed_roots"].startswith("expected a list")
+
+
+def test_fingerprint_ignores_input_roots():
+    changed = _load({**FULL, "inputs": {"allowed_roots": ["s3://elsewhere/"]}})
+    assert changed.fingerprint() == full_config().fingerprint()
+    assert _load({**FULL, "inputs": {}}).fingerprint() == full_config().fingerprint()
+
+
+# -- prompt length ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_a_default_prompt_longer_than_the_column_limit_is_refused(name):
+    message = problems_of({**REQUIRED, "defaults": {name: "x" * 250_000}})[f"defaults.{name}"]
+    assert message == (
+        "longer than 10000 characters (got 250000); CLIP reads only the first 77 tokens, so shorten it"
+    )
+    assert getattr(config_with(defaults={name: "x" * 10_000}).defaults, name) == "x" * 10_000
