@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -85,7 +86,7 @@ class StorageOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)  # passed to the fsspec filesystem
 
     def __post_init__(self) -> None:
-        leaked = sorted(_CREDENTIAL_KEYS & {str(k).lower() for k in self.extra})
+        leaked = sorted(_credential_keys(self.extra))
         if leaked:
             raise ValueError(
                 f"storage options must not carry credentials ({', '.join(leaked)}); provide them "
@@ -98,6 +99,52 @@ class StorageOptions:
         described = asdict(self)
         described["extra"] = {str(k): repr(v) for k, v in self.extra.items()}
         return described
+
+
+def _credential_keys(options: Mapping[Any, Any], where: str = "") -> set[str]:
+    """Dotted names of credential keys in `options`, nested mappings (`client_kwargs`, ...) included."""
+    found = set()
+    for key, value in options.items():
+        name = f"{where}{key}"
+        if str(key).lower() in _CREDENTIAL_KEYS:
+            found.add(name)
+        elif isinstance(value, Mapping):
+            found |= _credential_keys(value, f"{name}.")
+    return found
+
+
+# `scheme://` and the authority: up to the first '/', '?' or '#' (RFC 3986).
+_AUTHORITY = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*)://(?P<authority>[^/?#]*)")
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs"})  # bucket names hold no '@', no ':' (but ARNs)
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any credentials written into it (`s3://KEY:SECRET@bucket/key`) masked as `***`.
+
+    For bucket schemes a ':' in the bucket is taken as credentials too, as an AWS secret may hold a '/'
+    that ends the bucket early (`s3://KEY:abc/def@bucket/key`); everything up to the last '@' is masked.
+    """
+    match = _AUTHORITY.match(uri)
+    if match is None:
+        return uri
+    scheme, authority = match["scheme"], match["authority"]
+    rest = uri[match.end("scheme") + 3 :]
+    colon = ":" in authority and not authority.startswith("arn:")  # S3 access point ARNs hold ':'
+    if scheme.lower() in _BUCKET_SCHEMES and ("@" in authority or colon):
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else f"{scheme}://***"
+    if "@" in authority:
+        return f"{scheme}://***@{rest[authority.rindex('@') + 1 :]}"
+    return uri
+
+
+def _refuse_credentials_in_uri(uri: str) -> None:
+    redacted = redact_uri(uri)
+    if redacted != uri:
+        raise ValueError(
+            f"{redacted} holds credentials in the URI (masked here); give them through the environment "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role, "
+            "GOOGLE_APPLICATION_CREDENTIALS) and write the URI without them"
+        )
 
 
 class StorageError(OSError):
@@ -155,7 +202,8 @@ class Storage:
         self.__init__(state["options"])
 
     def filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The fsspec filesystem for `uri` and the path within it."""
+        """The fsspec filesystem for `uri` and the path within it; refuses URIs that hold credentials."""
+        _refuse_credentials_in_uri(uri)
         scheme = scheme_of(uri)
         fs = self._filesystems.get(scheme)
         if fs is None:

@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["FaultProxy", "SeaweedServer", "weed_binary"]
+__all__ = ["FAKE_ACCESS_KEY_ID", "FAKE_SECRET", "FaultProxy", "SeaweedServer", "weed_binary"]
 
 _LOOPBACK = "127.0.0.1"
 _REGION = "us-east-1"
+# The test session's S3 credentials: recognisable, so a leak test can grep every log and output for the
+# secret (tests/jobs/test_secrets.py). The key id is not secret; only the secret must never appear.
+FAKE_ACCESS_KEY_ID = "SDBATCHFAKEKEYID0001"
+FAKE_SECRET = "sdbatch-FAKE-secret-4b1d9e27"
 
 
 def weed_binary() -> str:
@@ -97,8 +101,8 @@ class SeaweedServer:
     def __init__(
         self,
         bucket: str = "sdbatch-test",
-        access_key: str = "testing",
-        secret_key: str = "testing-secret",
+        access_key: str = FAKE_ACCESS_KEY_ID,
+        secret_key: str = FAKE_SECRET,
         startup_timeout: float = 30.0,
         die_with_parent: bool = True,
     ) -> None:
