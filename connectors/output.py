@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -220,7 +220,12 @@ class OutputSink:
         """Mark the output incomplete before a run writes into it (it may hold an earlier commit)."""
         self.storage.delete(self.layout.success_marker)
 
-    def commit(self, run_info: dict[str, Any], expected_rows: int | None = None) -> CommitSummary:
+    def commit(
+        self,
+        run_info: dict[str, Any],
+        expected_rows: int | None = None,
+        before_marker: Callable[[], None] | None = None,
+    ) -> CommitSummary:
         """Settle the parts, then write `_run.json` and, last, `_SUCCESS`.
 
         Settling makes every (id, variant) appear once: duplicate metadata rows (a part rewritten
@@ -228,6 +233,7 @@ class OutputSink:
         failed again in a later pass, are dropped or keep only the latest. Replacement parts are
         written before the parts they replace are deleted, so a crash in between loses nothing.
         With `expected_rows`, the commit refuses (no `_SUCCESS`) unless images + errors match it.
+        `before_marker` runs between the two writes (the chaos tests stop the driver there).
         """
         duplicates = self._settle_metadata()
         metadata_parts = self.metadata_parts()
@@ -261,6 +267,8 @@ class OutputSink:
         }
         manifest_bytes = _json_bytes(manifest)
         self.storage.write_bytes(self.layout.run_manifest, manifest_bytes)
+        if before_marker is not None:
+            before_marker()
         marker = {
             "images": summary.images,
             "errors": summary.errors,

@@ -6,6 +6,7 @@ The driver runs a main pass and then retry rounds; each is this same flow with o
 from __future__ import annotations
 
 import functools
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ def _expand(batch: pa.Table, config: RunConfig, manifest_base: str, skip: list, 
         manifest_base,
         skip_keys=_fetch(skip[0]),
         only_keys=_fetch(only[0]),
+        allowed_roots=config.inputs.allowed_roots,
     )
 
 
@@ -141,10 +143,17 @@ def _fetch_cached(ref: Any) -> pa.Array:
     return ray.get(ref)
 
 
+REGISTRY_NAMESPACE = "sdbatch"
+REGISTRY_PREFIX = "sdbatch-pass-"
+
+
 def make_actor_registry(ray: Any) -> Any:
     """A tiny actor the pass's GPU actors register with, so the driver can release them when the pass
     ends. Ray Data frees pool actors only once nothing references them; one lingering reference (a kept
-    traceback, a logging handler holding records) would keep a GPU busy into the next retry round."""
+    traceback, a logging handler holding records) would keep a GPU busy into the next retry round.
+
+    It is named `sdbatch-pass-<hex>` in the `sdbatch` namespace, so an operator (or a chaos test) can
+    find the pass's actors: `ray.get_actor(name, namespace="sdbatch").members.remote()`."""
 
     @ray.remote(num_cpus=0)
     class ActorRegistry:
@@ -154,11 +163,15 @@ def make_actor_registry(ray: Any) -> Any:
         def add(self, handle: Any) -> None:
             self.handles.append(handle)
 
+        def members(self) -> list[Any]:
+            return list(self.handles)
+
         def drain(self) -> list[Any]:
             handles, self.handles = self.handles, []
             return handles
 
-    return ActorRegistry.remote()
+    name = REGISTRY_PREFIX + uuid.uuid4().hex[:12]
+    return ActorRegistry.options(name=name, namespace=REGISTRY_NAMESPACE).remote()
 
 
 def release_actors(ray: Any, registry: Any) -> int:

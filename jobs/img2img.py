@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table
 from jobs.config import ConfigError, add_run_arguments, config_from_args
 from jobs.contact import write_contact_sheet
+from jobs.faults import pause_point
 from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
 from jobs.plan import PlanError, RunPlan, make_plan, unsettled_keys
 from jobs.report import ProgressReporter, summary_lines
@@ -34,6 +35,7 @@ from jobs.report import ProgressReporter, summary_lines
 log = logging.getLogger("sdbatch")
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 143
+STREAM_BLOCK_BYTES = 64 * 1024
 
 
 class JobStopped(Exception):
@@ -83,6 +85,10 @@ def run(plan: RunPlan) -> dict[str, Any]:
     _init_ray(ray)
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = -1  # a failed block's rows are found missing and redone below
+    # A map task buffers its output until a block reaches this size; at Ray's default (128 MiB) a task's
+    # rows were published only when it ended, so images reached storage (and a crash's resume point) at
+    # the end of the pass. Small blocks stream every model call's rows on to the writers at once.
+    context.target_max_block_size = STREAM_BLOCK_BYTES
     sink.begin()
     sink.write_job_record({"fingerprint": config.fingerprint(), "config": config.to_dict()})
     stats = RunStats()
@@ -202,9 +208,12 @@ def _record_lost_rows(plan: RunPlan, sink: OutputSink) -> None:
 def _finish(plan: RunPlan, sink: OutputSink, stats: RunStats) -> dict[str, Any]:
     config = plan.config
     sheet = write_contact_sheet(sink, plan, config.contact_sheet_rows)
+    pause_point("commit")
     try:
         counts = sink.commit(
-            _run_info(plan, stats, status="complete", contact_sheet=sheet), plan.expected_rows
+            _run_info(plan, stats, status="complete", contact_sheet=sheet),
+            plan.expected_rows,
+            before_marker=lambda: pause_point("commit:run-manifest-written"),
         )
         committed = True
     except CommitError as error:

@@ -27,6 +27,7 @@ from connectors.image_encode import a1111_parameters, encode_image
 from connectors.image_resize import resize_for_model, target_size
 from connectors.output import ErrorRecord, OutputSink, errors_table
 from connectors.storage import Storage, StorageError, is_transient
+from jobs.faults import inject_worker_death
 from jobs.rows import WORK_COLUMNS
 
 PIXEL_COLUMNS = ("pixels", "pixel_width", "pixel_height", "input_sha256")
@@ -201,7 +202,7 @@ class Denoiser:
         import torch
 
         chosen = [rows[p] for p in positions]
-        _inject_worker_death(chosen)
+        inject_worker_death(chosen)
         first = chosen[0]
         height, width = first["pixel_height"], first["pixel_width"]
         pixels = np.stack([np.frombuffer(r["pixels"], np.uint8).reshape(height, width, 3) for r in chosen])
@@ -241,14 +242,6 @@ class Denoiser:
             run = self.pipe.scheduler.start(steps, strength)
             self._timesteps[key] = int(run.timesteps[0])
         return self._timesteps[key]
-
-
-def _inject_worker_death(rows: Sequence[dict]) -> None:
-    """Fault injection for the chaos tests: a row whose prompt equals $SDBATCH_TEST_POISON_PROMPT kills
-    the worker process the way a segfault or the OOM killer would. Unset (always, outside tests): no-op."""
-    poison = os.environ.get("SDBATCH_TEST_POISON_PROMPT")
-    if poison and any(row["prompt"] == poison for row in rows):
-        os._exit(86)
 
 
 _DENOISE_COLUMNS = (

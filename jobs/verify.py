@@ -110,6 +110,9 @@ def _label(key: str) -> str:
 def _check_images(
     report: VerifyReport, storage: Storage, metadata: pa.Table, check_all: bool, seed: int
 ) -> None:
+    if metadata.num_rows == 0:  # no part yet (and so no image columns)
+        report.counts["images_checked"] = 0
+        return
     rows = metadata.select(["id", "variant", "output", "width", "height"]).to_pylist()
     if not check_all and len(rows) > SAMPLE_IMAGES:
         rows = random.Random(seed).sample(rows, SAMPLE_IMAGES)
