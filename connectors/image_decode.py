@@ -57,7 +57,7 @@ def decode_image(data: bytes, source: str, options: DecodeOptions = DecodeOption
         cause = "unrecognised format" if isinstance(exc, PIL.UnidentifiedImageError) else str(exc)
         raise ImageDecodeError(
             f"{source}: not an image Pillow can read ({cause}; {len(data)} bytes starting {data[:16]!r}); "
-            "check that the URI points at a PNG/JPEG/WebP/GIF/BMP/TIFF file"
+            "check that the data is a PNG/JPEG/WebP/GIF/BMP/TIFF file"
         ) from exc
     _check_header(image, source, options)
     try:
