@@ -53,7 +53,9 @@ class RayCluster:
             metrics,
             runtime_env,
         ) = _free_ports(9)
-        worker_low = 30000 + (os.getpid() % 200) * 100
+        # Below the kernel's ephemeral range (32768+), where _free_ports' ports come from, and above Ray's
+        # default worker ports (10002-19999) that a ray.cluster_utils.Cluster in another test uses.
+        worker_low = 20000 + (os.getpid() % 120) * 100
         # The venv first on PATH, as on a real cluster image: a job's `python` is then this interpreter.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {
