@@ -97,7 +97,7 @@ def _decode_row(row: dict, storage: Storage, options: DecodeOptions) -> None:
     try:
         data = row["image_bytes"] if row["image"] is None else storage.read_bytes(row["image"])
     except Exception as error:  # noqa: BLE001 - every failure becomes this row's error
-        mark_error(row, "read", _explain_read(error, source))
+        mark_error(row, "read", _explain_read(error, source, storage))
         return
     try:
         image = decode_image(data, source, options)
@@ -114,12 +114,23 @@ def _decode_row(row: dict, storage: Storage, options: DecodeOptions) -> None:
     )
 
 
-def _explain_read(error: BaseException, source: str) -> BaseException:
+def _explain_read(error: BaseException, source: str, storage: Storage) -> BaseException:
+    if isinstance(error, FileNotFoundError) and _is_folder(storage, source):
+        # An object store has no directories: a key that names a "folder" is simply not found.
+        return IsADirectoryError(f"input image {source} is a directory, not an image file; name one file")
     if isinstance(error, FileNotFoundError):
         return FileNotFoundError(f"input image {source} does not exist; fix the manifest's image value")
     if isinstance(error, IsADirectoryError):
-        return IsADirectoryError(f"input image {source} is a directory, not an image file")
+        return IsADirectoryError(f"input image {source} is a directory, not an image file; name one file")
     return error
+
+
+def _is_folder(storage: Storage, uri: str) -> bool:
+    try:
+        fs, path = storage.filesystem(uri)
+        return bool(fs.isdir(path))
+    except Exception:  # noqa: BLE001 - only sharpens the message; the row fails either way
+        return False
 
 
 def _spread_time(table: pa.Table, column: str, started: float) -> pa.Table:

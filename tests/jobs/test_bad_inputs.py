@@ -236,13 +236,13 @@ ROW_CASES = [
             "input image {data}/inputs/nope.png does not exist; fix the manifest's image value",
         ),
     ),
-    RowCase(  # S3 has no directories: no object has this key (objects only live under it)
+    RowCase(  # S3 has no directories: no object has this key, objects only live under it
         "image is an S3 prefix (directory)",
         {"image": "inputs/a-prefix"},
         Failed(
             "read",
-            "FileNotFoundError",
-            "input image {data}/inputs/a-prefix does not exist; fix the manifest's image value",
+            "IsADirectoryError",
+            "input image {data}/inputs/a-prefix is a directory, not an image file; name one file",
         ),
         files={"{data}/inputs/a-prefix/inside.png": GOOD_PNG},
     ),
@@ -250,7 +250,9 @@ ROW_CASES = [
         "image is a local directory",
         {"image": "{local}/a-directory"},
         Failed(
-            "read", "IsADirectoryError", "input image {local}/a-directory is a directory, not an image file"
+            "read",
+            "IsADirectoryError",
+            "input image {local}/a-directory is a directory, not an image file; name one file",
         ),
         files={"{local}/a-directory/inside.png": GOOD_PNG},
     ),

@@ -14,7 +14,7 @@ from connectors.output import OutputSink
 from connectors.storage import Storage, StorageOptions, join_uri
 from jobs.img2img import EXIT_OK, run
 from jobs.plan import make_plan
-from jobs.verify import verify_output
+from tests.jobs.job_runs import assert_output_sound
 from tests.jobs.test_img2img import make_config, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_driver_killed_mid_run_then_rerun(ray_driver, s3_server, model_dirs):
         ray_driver, s3_server, str(model_dirs["v1"]), ROWS, signal.SIGKILL
     )
     sink = OutputSink(storage, output)
-    assert not sink.is_committed()
+    assert_output_sound(storage, output, manifest, complete=False)
     committed_before = {
         (r["id"], r["variant"]): storage.read_bytes(r["output"]) for r in sink.read_metadata().to_pylist()
     }
@@ -103,8 +103,7 @@ def test_driver_killed_mid_run_then_rerun(ray_driver, s3_server, model_dirs):
         if key in committed_before:
             assert storage.read_bytes(row["output"]) == committed_before[key]
 
-    report = verify_output(storage, output, manifest, check_all_images=True)
-    assert report.ok, report.lines()
+    assert_output_sound(storage, output, manifest, complete=True)
     # A second rerun has nothing to do and touches nothing.
     before = object_listing(storage, output)
     again = make_plan(config)
