@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 TORCH_VERSION := 2.13.0
 DEMO_OUT ?= demo-output
 
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo bench bench-quick lint clean
 
 setup: $(STAMP)
 
@@ -25,14 +26,33 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m ruff check sd_core connectors jobs tests
+	$(PY) -m ruff check sd_core connectors jobs tests bench
 	$(PY) -m pytest -q
 
 demo: setup
 	$(PY) -m jobs.demo --output $(DEMO_OUT)
 
+# Benchmarks: each prints a table and writes bench/results/<name>.json; the plot summarises them all.
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.core_vs_diffusers
+	$(PY) -m bench.job_efficiency
+	$(PY) -m bench.driver_memory
+	$(PY) -m bench.cold_start
+	$(PY) -m bench.plot
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.core_vs_diffusers --quick
+	$(PY) -m bench.job_efficiency --quick
+	$(PY) -m bench.driver_memory --quick
+	$(PY) -m bench.cold_start --quick
+	$(PY) -m bench.plot
+
 lint: setup
-	$(PY) -m ruff check sd_core connectors jobs tests
+	$(PY) -m ruff check sd_core connectors jobs tests bench
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
