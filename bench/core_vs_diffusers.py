@@ -37,6 +37,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import interleaved, plot_panel, print_table, save, summary  # noqa: E402
+from tests.diffusers_models import write_diffusers_model  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 CONFIGS = Path(__file__).resolve().parents[1] / "sd_core" / "configs" / "v1"
@@ -81,38 +82,12 @@ def model_folder(quick: bool) -> Path:
     started = time.perf_counter()
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    _write_model(partial, configs)
+    write_diffusers_model(partial, configs, SEED)  # diffusers' writer, shared with the test fixtures
     (partial / "bench-model.json").write_text(json.dumps({"digest": digest, "seed": SEED, "quick": quick}))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     return folder
-
-
-def _write_model(folder: Path, configs: dict[str, dict]) -> None:
-    """diffusers' from_config + seeded default init, saved by diffusers' own save_pretrained."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sd_core.tokenizer import bundled_tokenizer
-
-    torch.manual_seed(SEED)
-    unet = diffusers.UNet2DConditionModel.from_config(configs["unet"])
-    vae = diffusers.AutoencoderKL.from_config(configs["vae"])
-    text_fields = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_fields))
-    scheduler_cls = getattr(diffusers, configs["scheduler"]["_class_name"])
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=bundled_tokenizer(configs["tokenizer"]["pad_token"]),
-        unet=unet,
-        scheduler=scheduler_cls.from_config(configs["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
 def load_pipelines(folder: Path, device: torch.device, dtype: torch.dtype, scheduler: str):

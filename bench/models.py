@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from sd_core.tiny import write_random_model
 from sd_core.tiny_configs import TINY_V1
 
 MID_V1 = copy.deepcopy(TINY_V1)
@@ -47,45 +48,12 @@ def cache_dir() -> Path:
     return path
 
 
-def write_model(folder: Path, configs: dict, seed: int = 0) -> Path:
-    """A random model of `configs` in the diffusers folder layout (as sd_core.tiny does for its configs)."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sd_core.export import write_diffusers_folder
-    from sd_core.tokenizer import bundled_tokenizer
-    from sd_core.unet import UNet, UNetConfig
-    from sd_core.vae import AutoencoderKL, VAEConfig
-
-    torch.manual_seed(seed)
-    unet = UNet(UNetConfig.from_dict(configs["unet"]))
-    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]))
-    text_fields = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
-    text_model = CLIPTextModel(CLIPTextConfig(**text_fields))
-    write_diffusers_folder(
-        folder,
-        {
-            "unet": unet.config.to_dict(),
-            "vae": vae.config.to_dict(),
-            "text_encoder": configs["text_encoder"],
-            "scheduler": configs["scheduler"],
-        },
-        {
-            "unet": {k: v.contiguous() for k, v in unet.state_dict().items()},
-            "vae": {k: v.contiguous() for k, v in vae.state_dict().items()},
-            "text_encoder": {k: v.contiguous() for k, v in text_model.state_dict().items()},
-        },
-        bundled_tokenizer(configs["tokenizer"]["pad_token"]),
-    )
-    return folder
-
-
 def mid_model() -> Path:
     """The mid-sized model's folder (written on first use)."""
     digest = hashlib.sha256(json.dumps(MID_V1, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache_dir() / f"mid-v1-{digest}"  # a changed config gets a new folder
     if not (folder / "model_index.json").exists():
-        write_model(folder, MID_V1)
+        write_random_model(folder, MID_V1)
     return folder
 
 

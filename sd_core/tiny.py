@@ -22,7 +22,12 @@ def make_tiny_model(folder: str | Path, family: str = "v1", seed: int = 0) -> Pa
     """Write a tiny random SD1-style ("v1") or SD2-style ("v2") model to `folder`; returns the folder."""
     if family not in TINY_CONFIGS:
         raise ValueError(f"family must be one of {sorted(TINY_CONFIGS)}; got {family!r}")
-    configs = TINY_CONFIGS[family]
+    return write_random_model(folder, TINY_CONFIGS[family], seed)
+
+
+def write_random_model(folder: str | Path, configs: dict, seed: int = 0) -> Path:
+    """A seeded random model of `configs` (diffusers config.json dicts by component) in the diffusers
+    folder layout; returns the folder."""
     torch.manual_seed(seed)
     unet = UNet(UNetConfig.from_dict(configs["unet"]))
     vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]))

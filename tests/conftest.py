@@ -14,7 +14,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sd_core.tiny_configs import TINY_CONFIGS  # noqa: E402
-from sd_core.tokenizer import bundled_tokenizer  # noqa: E402
 
 # Tiny models are dominated by per-op overhead; a second OpenMP thread only adds spin-waiting (and
 # slows 50x when another process holds the other core).
@@ -23,27 +22,9 @@ torch.set_num_threads(1)
 
 def write_model_with_diffusers(folder, family: str, seed: int = 0):
     """A tiny random model saved by diffusers' own `save_pretrained` (the format's reference writer)."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.diffusers_models import write_diffusers_model
 
-    configs = TINY_CONFIGS[family]
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel.from_config(configs["unet"])
-    vae = diffusers.AutoencoderKL.from_config(configs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    scheduler_cls = getattr(diffusers, configs["scheduler"]["_class_name"])
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=bundled_tokenizer(configs["tokenizer"]["pad_token"]),
-        unet=unet,
-        scheduler=scheduler_cls.from_config(configs["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    return write_diffusers_model(folder, TINY_CONFIGS[family], seed)
 
 
 @pytest.fixture(scope="session")
