@@ -255,6 +255,11 @@ class Storage:
         fs, path = self.filesystem(uri)
         return self.retrying(f"checking {uri}", lambda: fs.exists(path))
 
+    def is_dir(self, uri: str) -> bool:
+        """A directory, or on an object store a prefix with objects under it."""
+        fs, path = self.filesystem(uri)
+        return bool(self.retrying(f"checking {uri}", lambda: fs.isdir(path)))
+
     def delete(self, uri: str) -> None:
         """Remove one object; a missing one is fine (deletes are retried, so may repeat)."""
         fs, path = self.filesystem(uri)

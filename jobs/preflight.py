@@ -77,7 +77,7 @@ def read_model_layout(config: RunConfig, storage: Storage) -> ModelLayout:
     opt-in, a folder lacking weights, a checkpoint of an unsupported family)."""
     path = config.model.path
     try:
-        if _is_folder(path, storage):
+        if storage.is_dir(path):
             return _read_folder(path, config.model.allow_pickle, storage)
         return _read_single_file(path, config.model.allow_pickle, config.model.config, storage)
     except (ValueError, FileNotFoundError) as error:
@@ -85,11 +85,6 @@ def read_model_layout(config: RunConfig, storage: Storage) -> ModelLayout:
 
 
 # ---- the model -----------------------------------------------------------------------------------------
-
-
-def _is_folder(uri: str, storage: Storage) -> bool:
-    fs, path = storage.filesystem(uri)
-    return storage.retrying(f"checking {uri}", lambda: fs.isdir(path))
 
 
 def _read_folder(folder: str, allow_pickle: bool, storage: Storage) -> ModelLayout:

@@ -127,8 +127,7 @@ def _explain_read(error: BaseException, source: str, storage: Storage) -> BaseEx
 
 def _is_folder(storage: Storage, uri: str) -> bool:
     try:
-        fs, path = storage.filesystem(uri)
-        return bool(fs.isdir(path))
+        return storage.is_dir(uri)
     except Exception:  # noqa: BLE001 - only sharpens the message; the row fails either way
         return False
 
