@@ -31,6 +31,12 @@ def scaled_dot_product(
     return out.reshape(b, h, q_len, d)
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if `x` is stored NHWC (and not also NCHW, as 1x1 maps are), else contiguous_format."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 class Attention(nn.Module):
     """Multi-head (cross-)attention over tokens [B, L, C]; keys to_q, to_k, to_v, to_out.0 as in diffusers.
 
@@ -162,7 +168,9 @@ class Transformer2D(nn.Module):
             x = block(x, context)
         if self.linear_projection:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # [B, C, H, W]
+        # [B, C, H, W] in the input's memory layout: NHWC is this view as it stands; NCHW needs the copy, or
+        # the convolutions after it would reorder their weights to the view's NHWC layout on every call.
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(residual))
         if not self.linear_projection:
             x = self.proj_out(x)
         return x + residual
