@@ -169,6 +169,12 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
+    def take(self, index: torch.Tensor) -> DiagonalGaussian:
+        """The posterior of rows `index` (rows may repeat): one encoded image serving several outputs."""
+        taken = DiagonalGaussian.__new__(DiagonalGaussian)
+        taken.mean, taken.logvar, taken.std = self.mean[index], self.logvar[index], self.std[index]
+        return taken
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * noise, the whole batch drawn at once from `generator` (diffusers' .sample)."""
         noise = _randn(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
