@@ -73,6 +73,8 @@ class PipelineFactory:
             pipe.load_textual_inversion(
                 local_copy(embedding.path, storage), token=embedding.token, allow_pickle=model.allow_pickle
             )
+        if model.compile:
+            pipe.compile_unet()
         _warm_up(pipe, config)
         info = {
             "model_sha256": cached_sha256(model_path),
@@ -88,17 +90,26 @@ def core_clip_skip(clip_skip: int) -> int | None:
     return None if clip_skip <= 1 else clip_skip - 1
 
 
+def warm_up_shape(config: RunConfig, vae_scale_factor: int = 8) -> tuple[int, int, int]:
+    """(rows, height, width) of the warm-up call: tiny, or with a compiled UNet the batch the job will run
+    most (a full batch at the configured output size), so its graph is compiled before rows arrive."""
+    defaults = config.defaults
+    if not (config.model.compile and defaults.width and defaults.height):
+        return 1, WARMUP_SIZE, WARMUP_SIZE
+    floor = vae_scale_factor
+    return config.compute.batch_size, defaults.height // floor * floor, defaults.width // floor * floor
+
+
 def _warm_up(pipe: Any, config: RunConfig) -> None:
     import torch
 
-    pixels = torch.full((1, 3, WARMUP_SIZE, WARMUP_SIZE), 0.5)
-    clip_skip = core_clip_skip(config.model.clip_skip)
+    rows, height, width = warm_up_shape(config, pipe.vae_scale_factor)
     pipe(
-        pixels,
-        ["warm-up"],
+        torch.full((rows, 3, height, width), 0.5),
+        ["warm-up"] * rows,
         strength=1.0,
         num_inference_steps=1,
-        seeds=[0],
-        guidance_scale=2.0,
-        clip_skip=clip_skip,
+        seeds=list(range(rows)),
+        guidance_scale=config.defaults.guidance_scale if config.model.compile else 2.0,
+        clip_skip=core_clip_skip(config.model.clip_skip),
     )
