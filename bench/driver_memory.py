@@ -69,6 +69,8 @@ from jobs import plan
 from jobs.config import load_config
 from jobs.preflight import check_model_and_adapters
 mark("imports")
+planning = plan.planning_memory()  # make_plan runs these steps inside it (kept: leaving it restores the pool)
+planning.__enter__()
 config = load_config(None, flags=spec["flags"])
 storage = Storage(config.storage.to_options(config.retry))
 check_model_and_adapters(config, storage)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -142,7 +143,7 @@ def validate_manifest(
     uri: str,
     filesystem: fsspec.AbstractFileSystem | None = None,
     sample_ids: int = 5,
-    batch_size: int = 65536,
+    batch_size: int = 16384,
     rows_as_errors: bool = False,
 ) -> ManifestSummary:
     """Check every row against COLUMN_RULES; raise one ManifestError listing every problem found.
@@ -151,9 +152,10 @@ def validate_manifest(
     raise: they are returned in `bad_rows` and a job records those rows as errors. Problems that make
     the run impossible (missing columns, wrong types, bad or duplicate ids, no rows) always raise.
 
-    Rows are streamed in batches, reading only the known columns. Duplicate ids are found with a pyarrow
-    group-by over the `id` column alone: Arrow memory of roughly (id bytes + ~30) per row, about 1 GB for
-    20 million 20-character ids.
+    Rows are streamed in batches, reading only the known columns, so the driver's memory does not grow
+    with the manifest: duplicate ids are found from a 64-bit hash of each id (8 bytes per row, see
+    `_IdHashes`), and only ids whose hash repeats are read back, in a second pass over `id`, to be
+    counted exactly.
     """
     manifest = open_manifest(uri, filesystem)
     schema = manifest.dataset.schema
@@ -164,8 +166,11 @@ def validate_manifest(
     rules = [rule for rule in COLUMN_RULES if rule.name in schema.names and _type_ok(rule, schema, findings)]
     has_ids = any(rule.name == "id" for rule in rules)
     num_rows = binary_images = uri_images = 0
+    hashes = _IdHashes()
     for batch in _scan(manifest, [rule.name for rule in rules], batch_size):
         ids = batch.column("id") if has_ids else None
+        if ids is not None:
+            hashes.add(ids)
         for rule in rules:
             for problem, mask in _bad_rows(rule, batch.column(rule.name)):
                 findings.add_rows(rule.name, problem, mask, ids, num_rows)
@@ -179,7 +184,7 @@ def validate_manifest(
     if num_rows == 0:
         findings.add("", "the manifest has 0 rows; it needs at least one")
     elif has_ids:
-        _find_duplicate_ids(manifest, findings)
+        _find_duplicate_ids(manifest, hashes.repeated(), findings, batch_size)
     findings.raise_if_any(except_row_level=rows_as_errors)
     return ManifestSummary(
         uri=uri,
@@ -382,17 +387,59 @@ def _out_of_range(rule: ColumnRule, values: pa.Array) -> pa.Array:
     return pc.fill_null(pc.and_(pc.invert(valid), pc.is_valid(values)), False)
 
 
-def _find_duplicate_ids(manifest: Manifest, findings: _Findings) -> None:
-    ids = manifest.dataset.to_table(columns=["id"])
-    counts = ids.group_by("id").aggregate([("id", "count")])
-    repeated = counts.filter(pc.and_(pc.greater(counts["id_count"], 1), pc.not_equal(counts["id"], "")))
-    if repeated.num_rows:
-        rows = pc.sum(repeated["id_count"]).as_py()
-        samples = [_label(v, None) for v in repeated["id"].slice(0, findings.sample_ids).to_pylist()]
+class _IdHashes:
+    """64-bit hashes of the non-empty ids seen so far: 8 bytes per row however long the ids are.
+
+    Python's `hash` of a str (SipHash, seeded per process) is enough: a repeated hash only makes its ids
+    candidates, which `_find_duplicate_ids` then compares exactly.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+
+    def add(self, ids: pa.Array) -> None:
+        self._chunks.append(_id_hashes(_non_empty(ids)))
+
+    def repeated(self) -> np.ndarray:
+        """The hashes seen more than once, sorted."""
+        hashes = np.sort(np.concatenate(self._chunks)) if self._chunks else np.empty(0, np.int64)
+        return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+
+
+def _non_empty(ids: pa.Array) -> pa.Array:
+    """The ids that are neither null nor empty (those are reported as such, never as duplicates)."""
+    return ids.filter(pc.fill_null(pc.greater(pc.binary_length(ids), 0), False))
+
+
+def _id_hashes(ids: pa.Array, slice_rows: int = 4096) -> np.ndarray:
+    """hash() of every id, made into Python strs a slice at a time (not a whole batch at once)."""
+    hashes = np.empty(len(ids), np.int64)
+    for start in range(0, len(ids), slice_rows):
+        values = ids.slice(start, slice_rows).to_pylist()
+        hashes[start : start + len(values)] = np.fromiter(map(hash, values), np.int64, count=len(values))
+    return hashes
+
+
+def _find_duplicate_ids(
+    manifest: Manifest, suspects: np.ndarray, findings: _Findings, batch_size: int
+) -> None:
+    """Count exactly, in a second pass over `id`, the ids whose hash is in `suspects`; report those that
+    more than one row has, in the order of their first row."""
+    if not len(suspects):
+        return
+    counts: dict[str, int] = {}
+    for batch in _scan(manifest, ["id"], batch_size):
+        ids = _non_empty(batch.column("id"))
+        for row_id in ids.filter(pa.array(np.isin(_id_hashes(ids), suspects))).to_pylist():
+            counts[row_id] = counts.get(row_id, 0) + 1
+    repeated = [(row_id, count) for row_id, count in counts.items() if count > 1]
+    if repeated:
+        rows = sum(count for _, count in repeated)
+        samples = [_label(row_id, None) for row_id, _ in repeated[: findings.sample_ids]]
         findings.add(
             "id",
             f"duplicate ids ({rows} rows share them); ids must be unique",
-            repeated.num_rows,
+            len(repeated),
             samples,
             noun="ids",
         )

@@ -8,10 +8,12 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import connectors.manifest as manifest_module
 from connectors.manifest import (
     ManifestError,
     iter_manifest_batches,
@@ -371,3 +373,22 @@ def test_too_long_prompts_are_short_row_problems(root, column):
         f"column {column!r}: longer than 10000 characters; CLIP reads only the first 77 tokens, "
         "so shorten it (got 250000 characters)"
     )
+
+
+def test_duplicate_ids_are_counted_exactly_across_batches(tmp_path):
+    ids = ["b", "a", "", None, "c", "a", "b", "", None, "a", "d"]
+    path = put(f"{tmp_path}/m.parquet", rows(len(ids), id=ids))
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(path, batch_size=3)
+    line = problem_line(str(caught.value), "id", "duplicate")
+    # First-seen order; empty and null ids are their own problems, never duplicates.
+    assert line.endswith("duplicate ids (5 rows share them); ids must be unique [2 ids: 'b', 'a']")
+
+
+def test_colliding_id_hashes_are_not_duplicates(tmp_path, monkeypatch):
+    """A repeated hash only makes candidates: the ids themselves are compared."""
+    monkeypatch.setattr(manifest_module, "_id_hashes", lambda ids: np.zeros(len(ids), np.int64))
+    assert validate_manifest(put(f"{tmp_path}/m.parquet", rows(5)), batch_size=2).num_rows == 5
+    path = put(f"{tmp_path}/d.parquet", rows(5, id=["x", "y", "x", "z", "y"]))
+    line = problem_line(problems_of(path), "id", "duplicate")
+    assert line.endswith("(4 rows share them); ids must be unique [2 ids: 'x', 'y']")
