@@ -90,8 +90,9 @@ def model_folder(quick: bool) -> Path:
     return folder
 
 
-def load_pipelines(folder: Path, device: torch.device, dtype: torch.dtype, scheduler: str):
-    """(ours, diffusers') on `device` in `dtype`, both running `scheduler` built from the model's config."""
+def load_pipelines(folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace):
+    """(ours, diffusers') on `device` in `dtype`, both running `args.scheduler` built from the model's config;
+    diffusers as it comes, ours with the speed settings `args` names (channels-last, compile)."""
     import diffusers
 
     from sd_core import Img2ImgPipeline
@@ -100,9 +101,13 @@ def load_pipelines(folder: Path, device: torch.device, dtype: torch.dtype, sched
         str(folder), safety_checker=None, requires_safety_checker=False, dtype=dtype
     ).to(device)
     theirs.set_progress_bar_config(disable=True)
-    cls = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
+    cls = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler}[args.scheduler]
     theirs.scheduler = cls.from_config(theirs.scheduler.config)
-    ours = Img2ImgPipeline.from_pretrained(folder, device=device, dtype=dtype, scheduler=scheduler)
+    ours = Img2ImgPipeline.from_pretrained(
+        folder, device=device, dtype=dtype, scheduler=args.scheduler, channels_last=args.channels_last == "on"
+    )
+    if args.compile != "off":
+        ours.compile_unet(None if args.compile == "default" else args.compile)
     return ours, theirs
 
 
@@ -219,7 +224,7 @@ def model_flops(ours, theirs, batch: int, size: int, device, dtype, cfg: bool) -
     ids = ids.input_ids.to(device)
     counts = {
         "ours": {
-            "unet_call": count_flops(lambda: ours.unet(x, t, context)),
+            "unet_call": count_flops(lambda: getattr(ours.unet, "eager_forward", ours.unet)(x, t, context)),
             "vae_encode": count_flops(lambda: ours.vae.encode(pixels)),
             "vae_decode": count_flops(lambda: ours.vae.decode(z)),
             "text_encode": count_flops(lambda: ours.text_encoder(ids)),
@@ -430,6 +435,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peak-size", type=int, help="matmul side for the peak (default 4096 CPU, 8192 CUDA)"
     )
+    parser.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="our pipeline's weights channels-last (NHWC): on, off, or auto (default: the pipeline's "
+        "default, off)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="off",
+        help="torch.compile our UNet: off (default), default, or a torch.compile mode such as "
+        "max-autotune-no-cudagraphs; the parity call compiles and warms up",
+    )
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -458,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = model_folder(args.quick)
     print(f"measuring peak ({args.peak_size}² matmul, {args.dtype}) ...", flush=True)
     peak = measure_peak(device, dtype, args.peak_size, repeats=5)
-    ours, theirs = load_pipelines(folder, device, dtype, args.scheduler)
+    ours, theirs = load_pipelines(folder, device, dtype, args)
     runs = [bench_batch(ours, theirs, args, batch) for batch in args.batch]
     # Measured again at the end, best of both: a busy moment can only make the peak look lower.
     again = measure_peak(device, dtype, args.peak_size, repeats=5)
@@ -492,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": f"the parity-check call of each, + {args.warmup} untimed interleaved round(s)",
         "diffusers_setup": "StableDiffusionImg2ImgPipeline.from_pretrained(safety_checker=None, "
         "dtype), one seeded CPU generator per row",
-        "ours_setup": "sd_core.Img2ImgPipeline.from_pretrained(device, dtype, scheduler)",
+        "ours_setup": "sd_core.Img2ImgPipeline.from_pretrained(device, dtype, scheduler, "
+        f"channels_last={ours.channels_last})"
+        + (f", compile_unet(mode={args.compile})" if args.compile != "off" else ""),
+        "ours_channels_last": ours.channels_last,
+        "ours_compile": args.compile,
         "method": {
             "timing": "interleaved A B A B wall time of whole calls (PIL in, np out); median reported",
             "phases": "forward pre/post hooks on text_encoder, vae.encoder, vae.decoder and unet of each "
@@ -517,11 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
     }
     results["plot"] = _plot_panels(runs, args)
-    path = save("core_vs_diffusers" + ("_quick" if args.quick else ""), config, results)
+    path = save(result_name(args), config, results)
     _print(runs, peak, args)
     print(f"\nsaved {path} ({results['wall_s']:.0f} s)")
     busy = max(load_before[0], os.getloadavg()[0])
-    if device.type == "cpu" and busy > 0.5 * (os.cpu_count() or 1) + 0.5:
+    # This process alone keeps about torch.get_num_threads() runnable; more means another was competing.
+    if device.type == "cpu" and busy > torch.get_num_threads() + 0.75:
         print(
             f"WARNING: 1-minute load average reached {busy:.1f} on {os.cpu_count()} CPUs during the run: "
             "other processes shared the cores, so the timings (not the parity or FLOPs) are unreliable"
@@ -533,8 +556,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """core_vs_diffusers[_quick] for the CPU default; device, dtype and speed settings appended otherwise."""
+    name = "core_vs_diffusers" + ("_quick" if args.quick else "")
+    if args.device != "cpu" or args.dtype != "float32":
+        name += f"_{args.device}_{args.dtype}"
+    if args.channels_last != "auto":
+        name += "_nhwc" if args.channels_last == "on" else "_nchw"
+    if args.compile != "off":
+        name += f"_compile-{args.compile}"
+    return name
+
+
 def _plot_panels(runs: list[dict], args) -> list[dict]:
     tag = f"{'quick, tiny model' if args.quick else 'SD1.5 arch'}, {args.device} {args.dtype}, {args.size}²"
+    tag += {"auto": "", "on": ", ours NHWC", "off": ", ours NCHW"}[args.channels_last]
+    tag += f", ours compiled ({args.compile})" if args.compile != "off" else ""
     labels, values, notes, peak_labels, peak_values = [], [], [], [], []
     for r in runs:
         for name in ("ours", "diffusers"):
