@@ -145,12 +145,14 @@ def validate_manifest(
     sample_ids: int = 5,
     batch_size: int = 16384,
     rows_as_errors: bool = False,
+    not_required: Sequence[str] = (),
 ) -> ManifestSummary:
     """Check every row against COLUMN_RULES; raise one ManifestError listing every problem found.
 
     With `rows_as_errors`, bad values in single rows (out of range, null prompt, empty image, ...) do not
     raise: they are returned in `bad_rows` and a job records those rows as errors. Problems that make
     the run impossible (missing columns, wrong types, bad or duplicate ids, no rows) always raise.
+    `not_required` names required columns the caller supplies otherwise (augmentation writes prompts).
 
     Rows are streamed in batches, reading only the known columns, so the driver's memory does not grow
     with the manifest: duplicate ids are found from a 64-bit hash of each id (8 bytes per row, see
@@ -161,7 +163,7 @@ def validate_manifest(
     schema = manifest.dataset.schema
     findings = _Findings(uri, sample_ids)
     for rule in COLUMN_RULES:
-        if rule.required and rule.name not in schema.names:
+        if rule.required and rule.name not in schema.names and rule.name not in not_required:
             findings.add(rule.name, "missing required column; add it to every manifest file")
     rules = [rule for rule in COLUMN_RULES if rule.name in schema.names and _type_ok(rule, schema, findings)]
     has_ids = any(rule.name == "id" for rule in rules)

@@ -1,4 +1,5 @@
-"""The `sdbatch` command: `sdbatch run ...` (the img2img job), `sdbatch verify ...` and `sdbatch demo`."""
+"""The `sdbatch` command: `sdbatch run ...` (the img2img job), `sdbatch augment ...`, `sdbatch verify ...`
+and `sdbatch demo`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 
 COMMANDS = {
     "run": "run the img2img job (same flags as `python -m jobs.img2img`; --help for them)",
+    "augment": "dataset augmentation: the job with the config's augment policy (--partition; --help)",
     "verify": "check an output's accounting: every input row once in metadata or errors (--help)",
     "demo": "run the job on generated images with a tiny model it makes (what `make demo` does)",
 }
@@ -14,7 +16,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:6} {text}" for name, text in COMMANDS.items())
+        usage = "\n".join(f"  {name:7} {text}" for name, text in COMMANDS.items())
         print(f"usage: sdbatch {{{','.join(COMMANDS)}}} ...\n\n{usage}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.img2img import main as run_main
 
         return run_main(rest, prog="sdbatch run")
+    if command == "augment":
+        from jobs.augment import main as augment_main
+
+        return augment_main(rest, prog="sdbatch augment")
     if command == "verify":
         from jobs.verify import main as verify_main
 

@@ -127,6 +127,7 @@ def _expand(batch: pa.Table, config: RunConfig, manifest_base: str, skip: list, 
         skip_keys=_fetch(skip[0]),
         only_keys=_fetch(only[0]),
         allowed_roots=config.inputs.allowed_roots,
+        augment=config.augment,
     )
 
 

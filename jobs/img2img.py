@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from typing import Any
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table
-from jobs.config import ConfigError, add_run_arguments, config_from_args
+from jobs.config import ConfigError, RunConfig, add_run_arguments, config_from_args
 from jobs.contact import write_contact_sheet
 from jobs.faults import pause_point
 from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
@@ -51,6 +52,7 @@ class RunStats:
     errors: int = 0
     core_rows: int = 0
     core_calls: float = 0.0
+    encoded_images: int = 0  # images the VAE encoder ran on: fewer than rows when variants share one
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     actor_start_s: dict[str, float] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
@@ -61,6 +63,7 @@ class RunStats:
         sizes = [s for s in summary["core_batch_rows"].to_pylist() if s]
         self.core_rows += len(sizes)
         self.core_calls += sum(1 / s for s in sizes)
+        self.encoded_images += pc.sum(summary["core_encoded_images"]).as_py() or 0
         for stage in ("decode", "denoise", "write"):
             self.stage_ms[stage] += pc.sum(summary[f"{stage}_ms"]).as_py() or 0.0
         for actor, start in zip(
@@ -246,6 +249,7 @@ def _run_info(
         ),
         "passes": stats.passes,
         "batch_fill": stats.batch_fill(config.compute.batch_size),
+        "encoded_images": stats.encoded_images,
         "stage_seconds": {k: round(v / 1000, 3) for k, v in stats.stage_ms.items()},
         "actor_start_s": max(stats.actor_start_s.values(), default=None),
         "contact_sheet": contact_sheet,
@@ -297,21 +301,27 @@ def _versions() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.img2img") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(
         prog=prog, description="Stable Diffusion img2img over a Parquet manifest"
     )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
+    return run_command(lambda: config_from_args(args), args.dry_run)
+
+
+def run_command(make_config: Callable[[], RunConfig], dry_run: bool) -> int:
+    """What a job command does once its flags are parsed: build the config, plan, print the plan, then
+    run (or stop there for a dry run); the exit code. Shared by `sdbatch run` and `sdbatch augment`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
+        config = make_config()
         plan = make_plan(config)
     except (ConfigError, PlanError) as error:
         print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
         return EXIT_REFUSED
     for line in plan.describe():
         print(line)
-    if args.dry_run:
+    if dry_run:
         print("dry run: configuration, manifest and output checked; nothing was run")
         return EXIT_REFUSED if plan.missing_images else EXIT_OK
     summary = run(plan)

@@ -113,30 +113,51 @@ def _make_plan(config: RunConfig) -> RunPlan:
     checks = check_model_and_adapters(config, storage)
     fs, _ = storage.filesystem(config.manifest)
     try:
-        summary = validate_manifest(config.manifest, fs, rows_as_errors=True)
+        supplied = ("prompt",) if config.augment.enabled and config.augment.prompts else ()
+        summary = validate_manifest(config.manifest, fs, rows_as_errors=True, not_required=supplied)
         manifest = open_manifest(config.manifest, fs)
     except ValueError as error:
         raise PlanError(str(error)) from error
+    _check_template_columns(config, manifest)
     sink = OutputSink(storage, config.output)
     _check_same_configuration(config, sink)
-    expected = expected_keys(manifest, config.defaults.num_images)
+    expected = expected_keys(manifest, config.defaults.num_images, config.augment.variants or None)
     done = settled_keys(sink, "none" if config.retry_errors else "all")
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
     missing = _sample_missing_images(manifest, storage, config.inputs.allowed_roots)
     return RunPlan(config, storage, manifest, summary, expected, done, missing, checks)
 
 
-def expected_keys(manifest: Manifest, default_num_images: int) -> pa.Array:
-    """Key strings of every (id, variant): each row's num_images (or the default; 1 when invalid)."""
+def expected_keys(manifest: Manifest, default_num_images: int, variants: int | None = None) -> pa.Array:
+    """Key strings of every (id, variant): each row's num_images (or the default; 1 when invalid), or
+    `variants` for every row (an augmentation run)."""
     columns = ["id"] + (["num_images"] if "num_images" in manifest.dataset.schema.names else [])
     chunks = []
     for batch in manifest.dataset.to_batches(columns=columns, batch_size=KEY_BATCH_ROWS):
-        counts = _variant_counts(batch, default_num_images)
+        if variants:
+            counts = np.full(batch.num_rows, variants, np.int64)
+        else:
+            counts = _variant_counts(batch, default_num_images)
         rows = np.repeat(np.arange(batch.num_rows), counts)  # each row's position, once per variant
         starts = np.repeat(np.cumsum(counts) - counts, counts)
-        variants = pa.array(np.arange(len(rows), dtype=np.int32) - starts.astype(np.int32), pa.int32())
-        chunks.append(key_strings(batch.column("id").take(pa.array(rows)), variants))
+        numbers = pa.array(np.arange(len(rows), dtype=np.int32) - starts.astype(np.int32), pa.int32())
+        chunks.append(key_strings(batch.column("id").take(pa.array(rows)), numbers))
     return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+
+
+def _check_template_columns(config: RunConfig, manifest: Manifest) -> None:
+    """Refuse an augmentation whose prompt templates or substitutions name columns the manifest lacks."""
+    if not config.augment.enabled:
+        return
+    needed = config.augment.template_columns() + [s.column for s in config.augment.substitutions]
+    names = manifest.dataset.schema.names
+    missing = [name for name in dict.fromkeys(needed) if name not in names]
+    if missing:
+        raise PlanError(
+            f"augment: the prompt templates or substitutions use column(s) {', '.join(map(repr, missing))}, "
+            f"which the manifest {config.manifest} lacks (it has: {', '.join(names)}); add the column or "
+            "change the templates"
+        )
 
 
 def _variant_counts(batch: pa.RecordBatch, default_num_images: int) -> np.ndarray:

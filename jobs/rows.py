@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from connectors.manifest import KNOWN_COLUMNS, resolve_image_uri, row_problems
 from connectors.output import key_strings
 from connectors.uri_policy import check_allowed
-from jobs.config import RowDefaults
+from jobs.augment_policy import TemplateError, realise
+from jobs.config import AugmentConfig, RowDefaults
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
 _SEED_MAX = 2**63 - 1
@@ -63,14 +64,18 @@ def expand_rows(
     skip_keys: pa.Array | None = None,
     only_keys: pa.Array | None = None,
     allowed_roots: Sequence[str] = (),
+    augment: AugmentConfig | None = None,
 ) -> pa.Table:
     """Expand manifest rows into work items, resolving defaults, seeds and image URIs.
 
     `skip_keys` (already done) and `only_keys` (a retry round's rows) are `key_strings` arrays. Rows
     with bad values become error items (stage "validate") naming the column and the value; so do rows
     whose resolved image URI lies outside `allowed_roots` (type "InputNotAllowed"; empty = anywhere).
+    With an enabled `augment` policy every row makes `augment.variants` items, each with the policy's
+    values for it (the manifest's own prompt column is then not needed if the policy has prompts).
     """
-    batch = _fill_prompt(batch, defaults)
+    augment = augment if augment is not None and augment.enabled else None
+    batch = _fill_prompt(batch, defaults, augment)
     problems = row_problems(batch).to_pylist()
     columns = batch.to_pydict()
     extras = [name for name in batch.column_names if name not in KNOWN_COLUMNS]
@@ -79,21 +84,41 @@ def expand_rows(
     for position, row_id in enumerate(columns["id"]):
         row = {name: values[position] for name, values in columns.items()}
         problem = problems[position]
-        for variant in range(variant_count(row.get("num_images"), defaults.num_images)):
+        for variant in range(row_variants(row.get("num_images"), defaults.num_images, augment)):
             item = _work_item(row, row_id, variant, defaults, run_seed, manifest_base, problem)
+            if augment is not None and item["error_type"] is None:
+                _apply_policy(item, augment, row, run_seed)
             items.append(_confine_input(item, allowed_roots))
             sources.append(position)
     table = _to_table(items, sources, batch, extras)
     return _filter_keys(table, skip_keys, only_keys)
 
 
-def _fill_prompt(batch: pa.Table, defaults: RowDefaults) -> pa.Table:
+def _fill_prompt(batch: pa.Table, defaults: RowDefaults, augment: AugmentConfig | None) -> pa.Table:
+    if augment is not None and augment.prompts:  # the policy writes every prompt: any value passes
+        prompts = pa.array([""] * batch.num_rows, pa.string())
+        if "prompt" in batch.column_names:
+            return batch.set_column(batch.column_names.index("prompt"), "prompt", prompts)
+        return batch.append_column("prompt", prompts)
     if defaults.prompt is None:
         return batch
     if "prompt" not in batch.column_names:
         return batch.append_column("prompt", pa.array([defaults.prompt] * batch.num_rows, pa.string()))
     filled = pc.fill_null(batch["prompt"], defaults.prompt)
     return batch.set_column(batch.column_names.index("prompt"), "prompt", filled)
+
+
+def row_variants(num_images: object, default: int, augment: AugmentConfig | None) -> int:
+    """A row's variants: the augmentation policy's count when one is on, else `variant_count`."""
+    return augment.variants if augment is not None and augment.enabled else variant_count(num_images, default)
+
+
+def _apply_policy(item: dict, augment: AugmentConfig, row: dict, run_seed: int) -> None:
+    """Overwrite the item's prompt, negative prompt, strength and guidance with the policy's draws."""
+    try:
+        item.update(realise(augment, row, item["id"], item["variant"], run_seed))
+    except TemplateError as error:
+        _mark_invalid(item, "BadManifestRow", str(error))
 
 
 def variant_count(num_images: object, default: int) -> int:

@@ -234,11 +234,13 @@ class Denoiser:
         steps = first["num_inference_steps"]
         steps_run = min(int(steps * first["strength"]), steps)
         start_timestep = self._start_timestep(steps, first["strength"])
-        for row, image in zip(chosen, to_uint8(np.asarray(images)), strict=True):
+        encoded = getattr(self.pipe, "last_encoded_images", len(chosen))
+        for position, (row, image) in enumerate(zip(chosen, to_uint8(np.asarray(images)), strict=True)):
             row.update(
                 pixels=image.tobytes(),
                 denoise_ms=elapsed_ms,
                 core_batch_rows=len(chosen),
+                core_encoded_images=encoded if position == 0 else 0,  # the call's count, on its first row
                 steps_run=steps_run,
                 start_timestep=start_timestep,
                 scheduler=self.model_info["scheduler"],
@@ -258,6 +260,7 @@ _DENOISE_COLUMNS = (
     ("pixels", pa.binary()),
     ("denoise_ms", pa.float64()),
     ("core_batch_rows", pa.int64()),
+    ("core_encoded_images", pa.int64()),
     ("steps_run", pa.int64()),
     ("start_timestep", pa.int64()),
     ("scheduler", pa.string()),
@@ -310,6 +313,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("ok", pa.bool_()),
         ("retryable", pa.bool_()),
         ("core_batch_rows", pa.int64()),
+        ("core_encoded_images", pa.int64()),
         ("decode_ms", pa.float64()),
         ("denoise_ms", pa.float64()),
         ("write_ms", pa.float64()),
@@ -448,6 +452,7 @@ def _summary(row: dict) -> dict[str, Any]:
         "ok": row["error_type"] is None,
         "retryable": bool(row["retryable"]),
         "core_batch_rows": row.get("core_batch_rows"),
+        "core_encoded_images": row.get("core_encoded_images"),
         "decode_ms": row.get("decode_ms"),
         "denoise_ms": row.get("denoise_ms"),
         "write_ms": None,

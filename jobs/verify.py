@@ -56,7 +56,7 @@ def verify_output(
     report = VerifyReport()
     sink = OutputSink(storage, output)
     fs, _ = storage.filesystem(manifest_uri)
-    expected = expected_keys(open_manifest(manifest_uri, fs), _default_num_images(sink))
+    expected = expected_keys(open_manifest(manifest_uri, fs), *_variant_settings(sink))
     metadata = sink.read_metadata(unique=False)
     errors = sink.read_errors()
     meta_keys = table_keys(metadata)
@@ -84,9 +84,11 @@ def verify_output(
     return report
 
 
-def _default_num_images(sink: OutputSink) -> int:
-    record = sink.read_job_record() or {}
-    return int(record.get("config", {}).get("defaults", {}).get("num_images", 1))
+def _variant_settings(sink: OutputSink) -> tuple[int, int | None]:
+    """(defaults.num_images, augment.variants or None) of the run that wrote the output."""
+    config = (sink.read_job_record() or {}).get("config", {})
+    variants = int(config.get("augment", {}).get("variants", 0))
+    return int(config.get("defaults", {}).get("num_images", 1)), variants or None
 
 
 def _duplicates(report: VerifyReport, table: str, keys: pa.Array) -> None:

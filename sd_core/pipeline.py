@@ -94,6 +94,7 @@ class Img2ImgPipeline:
         self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
         self.vae_batch_size: int | None = None
         self._float32_vae: AutoencoderKL | None = None  # made on the first float16 overflow
+        self.last_encoded_images = 0  # images the VAE encoder ran on in the last call (repeats count once)
         self.set_channels_last(channels_last)
         self.adapters: list[AdapterInfo] = []
         self._loras: list[tuple[LoadedLora, float, float | None]] = []  # kept for save_lora
@@ -311,6 +312,7 @@ class Img2ImgPipeline:
         Repeated images (variants of one input) are encoded once; each row still draws its own sample."""
         distinct, index = distinct_rows(pixels.to(self.device, self.vae_dtype))
         posterior = self.vae.encode(distinct)
+        self.last_encoded_images = distinct.shape[0]
         if index is not None:
             posterior = posterior.take(index)
         return (self.vae.config.scaling_factor * posterior.sample_rows(generators)).to(self.dtype)

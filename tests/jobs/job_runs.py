@@ -26,10 +26,12 @@ from jobs.verify import verify_output
 class JobDriver:
     """The job's driver as a child process on the test cluster; its output goes to `log_path`."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: str):
+    def __init__(
+        self, args: Sequence[str], env: Mapping[str, str], log_path: str, module: str = "jobs.img2img"
+    ):
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()/kill()
-        command = [sys.executable, "-m", "jobs.img2img", *args]
+        command = [sys.executable, "-m", module, *args]
         self.process = subprocess.Popen(
             command, env={**env, "PYTHONPATH": os.getcwd()}, stdout=self._log, stderr=subprocess.STDOUT
         )
