@@ -69,6 +69,8 @@ class RunPlan:
             f"{config.compute.actors_max}, {config.compute.gpus_per_actor} GPU / "
             f"{config.compute.cpus_per_actor} CPU per actor",
         ]
+        if config.augment.enabled:
+            lines.append(_augment_line(config))
         lines.extend(self.checks)
         if self.summary.extra_columns:
             lines.append(f"carried   extra columns {', '.join(self.summary.extra_columns)}")
@@ -97,6 +99,18 @@ def planning_memory() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
+
+
+def _augment_line(config: RunConfig) -> str:
+    augment = config.augment
+    columns = augment.template_columns()
+    drawn = [name for name in ("strength", "guidance_scale") if getattr(augment, name).given]
+    return (
+        f"augment   {augment.variants} variants per row; {len(augment.prompts)} prompt and "
+        f"{len(augment.negative_prompts)} negative templates"
+        + (f" (columns {', '.join(columns)})" if columns else "")
+        + (f"; drawn: {', '.join(drawn)}" if drawn else "")
+    )
 
 
 def make_plan(config: RunConfig) -> RunPlan:

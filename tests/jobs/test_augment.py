@@ -202,3 +202,15 @@ def test_template_columns_missing_from_the_manifest_are_refused(model_dirs, tmp_
     settings["augment.prompts"] = ["a {colour} {label}"]
     with pytest.raises(PlanError, match=r"use column\(s\) 'colour', which the manifest .* lacks"):
         make_plan(load_config(None, flags=settings))
+
+
+def test_the_plan_counts_the_policys_variants_and_describes_it(model_dirs, tmp_path):
+    storage = Storage()
+    manifest = write_labelled(storage, str(tmp_path), rows=3)
+    plan = make_plan(
+        load_config(None, flags=job_settings(str(model_dirs["v1"]), manifest, str(tmp_path / "o")))
+    )
+    assert plan.expected_rows == 12
+    lines = "\n".join(plan.describe())
+    assert "augment   4 variants per row; 2 prompt and 2 negative templates (columns label, place)" in lines
+    assert "drawn: strength, guidance_scale" in lines
