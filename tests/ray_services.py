@@ -40,7 +40,10 @@ def ray_binary() -> str:
 class RayCluster:
     """`ray start --head` with the dashboard (for the Jobs API), stopped and cleaned up by `stop()`."""
 
-    def __init__(self, env: Mapping[str, str], num_cpus: int = 4):
+    def __init__(self, env: Mapping[str, str], num_cpus: int = 4, bin_dir: Path | None = None):
+        """`bin_dir` holds the `ray` to start and the `python` first on the cluster's PATH, which job
+        entrypoints run with (default: this interpreter's)."""
+        bin_dir = bin_dir or Path(sys.executable).parent
         self.temp_dir = tempfile.mkdtemp(prefix="sdr-", dir="/tmp")  # short: Ray's socket paths are limited
         (
             gcs,
@@ -57,7 +60,7 @@ class RayCluster:
         # default worker ports (10002-19999) that a ray.cluster_utils.Cluster in another test uses.
         worker_low = 20000 + (os.getpid() % 120) * 100
         # The venv first on PATH, as on a real cluster image: a job's `python` is then this interpreter.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {
             **os.environ,
             **env,
@@ -68,7 +71,7 @@ class RayCluster:
         self.address = f"{_LOOPBACK}:{gcs}"
         self.dashboard_url = f"http://{_LOOPBACK}:{dashboard}"
         command = [
-            ray_binary(),
+            str(bin_dir / "ray"),
             "start",
             "--head",
             f"--node-ip-address={_LOOPBACK}",

@@ -1,0 +1,220 @@
+"""The DAG file parses in real Airflow with no import errors, and the submit-or-attach decisions of
+sdbatch_ray on a scripted client (the cases a live cluster cannot easily produce on demand)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sdbatch_ray
+
+DAG_FOLDER = Path(__file__).resolve().parents[2] / "deploy" / "airflow"
+
+
+def test_dag_folder_imports_without_errors():
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    # As the DAG processor parses a DAG bundle (a local folder bundle holding this folder).
+    bag = BundleDagBag(dag_folder=DAG_FOLDER, bundle_path=DAG_FOLDER, bundle_name="sdbatch")
+    assert bag.import_errors == {}
+    # .airflowignore keeps the helper module out of parsing: only the DAG file was read.
+    assert sorted(Path(path).name for path in bag.file_last_changed) == ["sdbatch_augment_dag.py"]
+    assert sorted(bag.dag_ids) == ["sdbatch_augment"]
+    dag = bag.dags["sdbatch_augment"]
+    task = dag.get_task("augment")
+    assert type(task).__name__ == "SdbatchRayJobOperator"
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert task.retries == 2
+    assert task.retry_delay == timedelta(minutes=10)
+    assert {"partition", "output_uri", "entrypoint", "submission_id", "config", "ray_address"} <= set(
+        task.template_fields
+    )
+    assert task.partition == "ds={{ ds }}"
+
+
+def test_parsing_the_dag_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(DAG_FOLDER)!r}); import sdbatch_augment_dag; "
+        "print('ray' in sys.modules, 'ray.job_submission' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+class ScriptedClient:
+    """A JobSubmissionClient stand-in: jobs is {submission id: [statuses to report, in order]}."""
+
+    def __init__(self, jobs: dict[str, list[str]] | None = None, logs: str = ""):
+        self.jobs = {job_id: list(statuses) for job_id, statuses in (jobs or {}).items()}
+        self.logs = logs
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self.refuse_submit = False
+
+    def _status(self, job_id: str) -> str:
+        statuses = self.jobs[job_id]
+        return statuses.pop(0) if len(statuses) > 1 else statuses[0]
+
+    def list_jobs(self):
+        listed = [
+            SimpleNamespace(submission_id=job_id, status=s[0], message=None)
+            for job_id, s in self.jobs.items()
+        ]
+        return [*listed, SimpleNamespace(submission_id=None, status="SUCCEEDED")]  # a driver job: no id
+
+    def get_job_info(self, job_id: str):
+        if job_id not in self.jobs:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        return SimpleNamespace(submission_id=job_id, status=self._status(job_id), message="msg")
+
+    def submit_job(self, *, entrypoint: str, submission_id: str | None = None, **kwargs) -> str:
+        if self.refuse_submit:
+            self.jobs[submission_id] = ["RUNNING", "SUCCEEDED"]  # someone else got there first
+            raise RuntimeError(f"Job with submission_id {submission_id} already exists")
+        self.submitted.append(submission_id)
+        self.jobs[submission_id] = ["PENDING", "RUNNING", "SUCCEEDED"]
+        return submission_id
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self.logs
+
+    def stop_job(self, job_id: str) -> bool:
+        self.stopped.append(job_id)
+        self.jobs[job_id] = ["STOPPED"]
+        return True
+
+
+BASE = "sdbatch-d-20260101"
+
+
+def test_attempt_ids():
+    assert sdbatch_ray.attempt_id(BASE, 0) == BASE
+    assert sdbatch_ray.attempt_id(BASE, 2) == f"{BASE}-retry-2"
+    assert sdbatch_ray.attempt_number(BASE, f"{BASE}-retry-12") == 12
+    assert sdbatch_ray.attempt_number(BASE, BASE) == 0
+    for other in (f"{BASE}-retry-0", f"{BASE}-retry-x", f"{BASE}1", "sdbatch-d-2026010", None, ""):
+        assert sdbatch_ray.attempt_number(BASE, other) is None
+
+
+@pytest.mark.parametrize(
+    ("jobs", "action", "bound_to", "submitted"),
+    [
+        ({}, "submitted", BASE, [BASE]),
+        ({BASE: ["SUCCEEDED"]}, "already-succeeded", BASE, []),
+        ({BASE: ["FAILED"], f"{BASE}-retry-1": ["SUCCEEDED"]}, "already-succeeded", f"{BASE}-retry-1", []),
+        ({BASE: ["RUNNING", "SUCCEEDED"]}, "attached", BASE, []),
+        ({BASE: ["FAILED"], f"{BASE}-retry-1": ["PENDING", "SUCCEEDED"]}, "attached", f"{BASE}-retry-1", []),
+        ({BASE: ["FAILED"]}, "submitted", f"{BASE}-retry-1", [f"{BASE}-retry-1"]),
+        (
+            {BASE: ["FAILED"], f"{BASE}-retry-1": ["STOPPED"]},
+            "submitted",
+            f"{BASE}-retry-2",
+            [f"{BASE}-retry-2"],
+        ),
+        ({"sdbatch-d-20260102": ["RUNNING"]}, "submitted", BASE, [BASE]),  # another date's job
+    ],
+)
+def test_submit_or_attach_decisions(jobs, action, bound_to, submitted):
+    client = ScriptedClient(jobs)
+    run = sdbatch_ray.run_job(
+        client, BASE, "python -m jobs.augment", poll_interval=0.01, sleep=lambda s: None
+    )
+    assert (run.action, run.submission_id, run.status) == (action, bound_to, "SUCCEEDED")
+    assert client.submitted == submitted
+
+
+def test_a_lost_submission_race_attaches_to_the_winner():
+    client = ScriptedClient()
+    client.refuse_submit = True
+    run = sdbatch_ray.submit_or_attach(client, BASE, "python -m jobs.augment")
+    assert (run.action, run.submission_id) == ("attached", BASE)
+
+
+def test_a_refused_submission_of_a_job_that_does_not_exist_raises():
+    class Refusing(ScriptedClient):
+        def submit_job(self, **kwargs):
+            raise RuntimeError("bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        sdbatch_ray.submit_or_attach(Refusing(), BASE, "x")
+
+
+def test_max_attempts_stops_resubmitting():
+    client = ScriptedClient({BASE: ["FAILED"], f"{BASE}-retry-1": ["FAILED"]})
+    with pytest.raises(sdbatch_ray.TooManyAttempts, match="retry-1"):
+        sdbatch_ray.submit_or_attach(client, BASE, "x", max_attempts=2)
+    assert client.submitted == []
+
+
+def test_failure_carries_the_last_lines_of_the_log():
+    logs = "\n".join(f"line {i}" for i in range(500)) + "\nTraceback: boom\n"
+    client = ScriptedClient({BASE: ["RUNNING", "FAILED"]}, logs=logs)
+    with pytest.raises(sdbatch_ray.JobFailed) as failure:
+        sdbatch_ray.run_job(client, BASE, "x", poll_interval=0.01, log_lines=5, sleep=lambda s: None)
+    assert failure.value.log_tail.splitlines() == [
+        "line 496",
+        "line 497",
+        "line 498",
+        "line 499",
+        "Traceback: boom",
+    ]
+    assert "ended FAILED" in str(failure.value) and "Traceback: boom" in str(failure.value)
+
+
+def test_transient_poll_errors_are_retried_and_persistent_ones_raise():
+    client = ScriptedClient({BASE: ["RUNNING", "RUNNING", "SUCCEEDED"]})
+    real, calls = client.get_job_info, {"n": 0}
+
+    def flaky(job_id):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise ConnectionError("dashboard restarting")
+        return real(job_id)
+
+    client.get_job_info = flaky
+    assert (
+        sdbatch_ray.wait_for_terminal(client, BASE, poll_interval=0.01, sleep=lambda s: None) == "SUCCEEDED"
+    )
+
+    def down(job_id):
+        raise ConnectionError("down")
+
+    client.get_job_info = down
+    with pytest.raises(ConnectionError):
+        sdbatch_ray.wait_for_terminal(
+            client, BASE, poll_interval=0.01, max_consecutive_errors=3, sleep=lambda s: None
+        )
+
+
+def test_timeout_stops_the_job():
+    client = ScriptedClient({BASE: ["RUNNING"]})
+    now = {"t": 0.0}
+
+    def sleep(seconds):
+        now["t"] += seconds
+
+    with pytest.raises(sdbatch_ray.JobTimeout):
+        sdbatch_ray.wait_for_terminal(
+            client, BASE, poll_interval=1, timeout=5, sleep=sleep, clock=lambda: now["t"]
+        )
+    client2 = ScriptedClient({BASE: ["RUNNING"]})
+    with pytest.raises(sdbatch_ray.JobTimeout):
+        sdbatch_ray.run_job(client2, BASE, "x", poll_interval=0.01, timeout=0.05)
+    assert client2.stopped == [BASE]
+
+
+def test_stop_never_raises():
+    class Broken(ScriptedClient):
+        def stop_job(self, job_id):
+            raise RuntimeError("no such job")
+
+        def get_job_info(self, job_id):
+            raise RuntimeError("no such job")
+
+    assert sdbatch_ray.stop(Broken(), BASE, wait=0.0) is None
