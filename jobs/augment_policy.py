@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.manifest import PROMPT_MAX_LENGTH
-from jobs.config import AugmentConfig, SampledValue
+from jobs.config import AugmentConfig, SampledValue, template_fields
 
 
 class TemplateError(ValueError):
@@ -58,19 +58,13 @@ def _draw(sampled: SampledValue, rng: random.Random) -> float | None:
 def fill(template: str, row: Mapping[str, Any], policy: AugmentConfig) -> str:
     """`template` with each `{column}` replaced by the row's value (after the policy's substitutions)."""
     values = {}
-    for name in policy.template_columns():
+    for name in template_fields(template):
         if name not in row:
-            continue
-        value = row[name]
-        if value is None:
+            raise TemplateError(f"the template {template!r} needs column {name!r}, which the manifest lacks")
+        if row[name] is None:
             raise TemplateError(f"column {name!r} is null in this row; the template {template!r} needs it")
-        values[name] = _substitute(policy, name, str(value))
-    try:
-        text = template.format_map(values)
-    except KeyError as error:
-        raise TemplateError(
-            f"the template {template!r} needs column {error.args[0]!r}, which the manifest lacks"
-        ) from None
+        values[name] = _substitute(policy, name, str(row[name]))
+    text = template.format_map(values)
     if len(text) > PROMPT_MAX_LENGTH:
         raise TemplateError(
             f"the template {template!r} filled from this row is {len(text)} characters, over the "

@@ -378,7 +378,7 @@ class AugmentConfig(_Checked):
 
     def template_columns(self) -> list[str]:
         """Manifest columns the templates read, in order of first use."""
-        names = [field_name for text in self.prompts + self.negative_prompts for field_name in _fields(text)]
+        names = [name for text in self.prompts + self.negative_prompts for name in template_fields(text)]
         return list(dict.fromkeys(names))
 
     def _problems(self) -> Iterator[Problem]:
@@ -393,7 +393,8 @@ class AugmentConfig(_Checked):
             yield "substitutions", "substitutions fill prompt templates: add prompts, or remove them"
 
 
-def _fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
+    """The `{column}` names a prompt template uses, in order (with repeats)."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 

@@ -36,16 +36,16 @@ def distinct_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
         return batch, None
     flat = batch.flatten(1)
     probes = flat[:, :: max(1, flat.shape[1] // PROBE_ELEMENTS)].contiguous().view(torch.uint8).cpu().numpy()
-    firsts: dict[bytes, list[int]] = {}  # probe bytes -> distinct rows (their first position) with it
-    kept: list[int] = []
+    kept: list[int] = []  # first position of each distinct row
+    by_probe: dict[bytes, list[int]] = {}  # probe bytes -> indices into `kept` of the rows with it
     index: list[int] = []
     for row, probe in enumerate(probes):
-        same_probe = firsts.setdefault(probe.tobytes(), [])
-        match = next((kept.index(f) for f in same_probe if torch.equal(flat[row], flat[f])), None)
+        candidates = by_probe.setdefault(probe.tobytes(), [])
+        match = next((d for d in candidates if torch.equal(flat[row], flat[kept[d]])), None)
         if match is None:
-            same_probe.append(row)
+            match = len(kept)
+            candidates.append(match)
             kept.append(row)
-            match = len(kept) - 1
         index.append(match)
     if len(kept) == batch.shape[0]:
         return batch, None
