@@ -31,12 +31,6 @@ def scaled_dot_product(
     return out.reshape(b, h, q_len, d)
 
 
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if `x` is stored NHWC (and not also NCHW, as 1x1 maps are), else contiguous_format."""
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
 class Attention(nn.Module):
     """Multi-head (cross-)attention over tokens [B, L, C]; keys to_q, to_k, to_v, to_out.0 as in diffusers.
 
@@ -144,6 +138,7 @@ class Transformer2D(nn.Module):
         dim_head = channels // heads
         inner_dim = heads * dim_head
         self.linear_projection = linear_projection
+        self.output_memory_format = torch.contiguous_format
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
         if linear_projection:
             self.proj_in = nn.Linear(channels, inner_dim)
@@ -168,9 +163,10 @@ class Transformer2D(nn.Module):
             x = block(x, context)
         if self.linear_projection:
             x = self.proj_out(x)
-        # [B, C, H, W] in the input's memory layout: NHWC is this view as it stands; NCHW needs the copy, or
-        # the convolutions after it would reorder their weights to the view's NHWC layout on every call.
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(residual))
+        # [B, C, H, W] copied to the layout of the convolution weights that follow (`output_memory_format`,
+        # set with them by speed.set_memory_format): as the view stands it is NHWC, and NCHW weights would
+        # reorder themselves to it on every call. diffusers always copies to NCHW, even after NHWC inputs.
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=self.output_memory_format)
         if not self.linear_projection:
             x = self.proj_out(x)
         return x + residual
@@ -190,6 +186,9 @@ class SpatialSelfAttention(Attention):
     def forward(self, x: torch.Tensor, context: None = None) -> torch.Tensor:
         """`context` is unused; it lets a mid block call every attention the same way."""
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        # diffusers' order: tokens first, then GroupNorm on their [B, C, HW] view. Normalising the 4-D map
+        # instead rounds differently when it is stored NHWC (as diffusers' image tensors are).
+        tokens = x.reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        tokens = self.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
         out = super().forward(tokens)
-        return out.transpose(1, 2).reshape(b, c, h, w) + x
+        return out.transpose(-1, -2).reshape(b, c, h, w) + x

@@ -48,7 +48,7 @@ def images_to_tensor(images: Sequence[PIL.Image.Image] | torch.Tensor, scale_fac
             f"got {shown}. "
             "Resize them first, or call the pipeline once per size."
         )
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch * 2.0 - 1.0
 
 
@@ -69,7 +69,7 @@ def _check_tensor(images: torch.Tensor, scale_factor: int) -> torch.Tensor:
             f"image tensor values must lie in [0, 1]; got [{low:.3g}, {high:.3g}]. "
             "Divide uint8 images by 255; map [-1, 1] images with (x + 1) / 2."
         )
-    return images.float().contiguous()
+    return images.float()  # in its own memory layout, as diffusers keeps it (it changes the rounding)
 
 
 def tensor_to_output(pixels: torch.Tensor, output_type: str):

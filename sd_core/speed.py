@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sd_core.attention import Transformer2D
+
 
 def set_memory_format(modules: list[nn.Module], channels_last: bool) -> None:
     """Store every 4-D weight channels-last (NHWC) or contiguous (NCHW). oneDNN and cuDNN convolutions pick
@@ -13,6 +15,9 @@ def set_memory_format(modules: list[nn.Module], channels_last: bool) -> None:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for module in modules:
         module.to(memory_format=memory_format)
+        for transformer in module.modules():
+            if isinstance(transformer, Transformer2D):
+                transformer.output_memory_format = memory_format
 
 
 def compile_forward(module: nn.Module, mode: str | None = None) -> None:

@@ -232,12 +232,20 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Images [B, C, H, W] in [-1, 1] -> posterior over latents [B, latent, H / f, W / f]."""
+        """Images [B, C, H, W] in [-1, 1] -> posterior over latents [B, latent, H / f, W / f].
+
+        One image at a time, as diffusers' img2img encodes `image[i:i+1]` for each row's generator: a
+        batched convolution rounds differently, and a sampler that clips its x0 estimate (DDIM's
+        clip_sample) grows such 1e-7 differences a hundredfold. The encoder runs once per image, so
+        batching it would save little."""
+        return DiagonalGaussian(torch.cat([self._encode_moments(row) for row in x.split(1)]))
+
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         tile = self.tile_sample_size
         if tile is not None and max(x.shape[-2:]) > tile:
             latent_tile = int(tile / self.scale_factor_spatial)
-            return DiagonalGaussian(tiled_apply(self._moments, x, tile, latent_tile, self.tile_overlap))
-        return DiagonalGaussian(self._moments(x))
+            return tiled_apply(self._moments, x, tile, latent_tile, self.tile_overlap)
+        return self._moments(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, latent, h, w] (already divided by scaling_factor) -> images [B, C, h * f, w * f]."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import diffusers
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from sd_core import Img2ImgPipeline
+from sd_core.tiny_configs import TINY_CONFIGS
 from tests.conftest import diffusers_images, make_images
+from tests.diffusers_models import write_diffusers_model
 
 ORACLE_SCHEDULERS = {
     "ddim": (diffusers.DDIMScheduler, {}),
@@ -102,6 +105,45 @@ def test_matches_diffusers_without_clip_skip_or_negative_prompt(ours, oracles, f
     pipe = ours[family]
     pipe.set_scheduler("euler_a")
     got = pipe(images, PROMPTS, seeds=[5, 6], output_type="np", **kwargs)
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def clip_sample_models(tmp_path_factory) -> dict:
+    """{clip_sample: (ours, oracle)} on the case diffusers' DDIM clip_sample exposed: a 3-level UNet with
+    per-block heads 2/4/4 whose model ships a PNDM scheduler config. Without the clip_sample key there,
+    DDIMScheduler.from_config falls back to clip_sample=True (and diffusers' pipeline only patches the
+    scheduler it is constructed with, not one set afterwards)."""
+    models = {}
+    for clip_sample in (True, False):
+        configs = copy.deepcopy(TINY_CONFIGS["v1"])
+        configs["unet"]["attention_head_dim"] = [2, 4, 4]
+        configs["scheduler"].pop("clip_sample")
+        if not clip_sample:
+            configs["scheduler"]["clip_sample"] = False
+        folder = write_diffusers_model(tmp_path_factory.mktemp(f"clip-{clip_sample}"), configs)
+        oracle = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(folder), safety_checker=None)
+        models[clip_sample] = (Img2ImgPipeline.from_pretrained(folder, scheduler="ddim"), oracle)
+    return models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", [1.0, 7.0])
+@pytest.mark.parametrize(("eta", "strength"), [(0.0, 0.6), (0.5, 0.9), (0.0, 1.0), (0.5, 0.3)])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_ddim_clip_sample_matches_diffusers(clip_sample_models, clip_sample, eta, strength, guidance):
+    """DDIM is the one sampler with clip_sample: x0 clamped to [-1, 1] removes the cancellation that
+    hides float rounding elsewhere, so any difference in how the VAE and UNet round (memory layout,
+    batched encoding) grows a hundredfold; it must be none."""
+    ours, oracle = clip_sample_models[clip_sample]
+    oracle.scheduler = diffusers.DDIMScheduler.from_config(oracle.scheduler.config)
+    assert oracle.scheduler.config.clip_sample is ours.scheduler.config.clip_sample is clip_sample
+    images = make_images(3, width=64, height=48, seed=12)
+    prompts = [*PROMPTS, "a red bicycle"]
+    negatives = [*NEGATIVES, ""]
+    kwargs = dict(strength=strength, guidance_scale=guidance, num_inference_steps=12, eta=eta)
+    expected = diffusers_images(oracle, images, prompts, [4, 5, 6], negative_prompt=negatives, **kwargs)
+    got = ours(images, prompts, negative_prompts=negatives, seeds=[4, 5, 6], output_type="np", **kwargs)
     assert np.abs(got - expected).max() <= TOLERANCE
 
 
