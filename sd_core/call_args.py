@@ -1,21 +1,31 @@
-"""Validation of one pipeline call's arguments, broadcast to one value per row."""
+"""Validation of one pipeline call's arguments, broadcast to one value per row.
+
+Arguments every family takes are checked here; a family's own arguments (SDXL's second prompts and
+micro-conditioning) are accepted only for a family that has them, and any other family refuses them by
+name rather than ignoring them.
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from sd_core.families import ModelFamily
 from sd_core.images import OUTPUT_TYPES
+from sd_core.micro_conditioning import per_row_values
+from sd_core.text_encoder import PROMPT_SYNTAXES
 
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
+SECOND_PROMPTS = ("prompts_2", "negative_prompts_2")
 
 
 @dataclass(frozen=True)
 class CallArgs:
     prompts: list[str]
-    negative_prompts: list[str]
+    negative_prompts: list[str | None]  # None: no negative prompt (zeros where the model says so)
     guidance_scales: list[float]
     seeds: list[int]
     strength: float
@@ -23,6 +33,17 @@ class CallArgs:
     eta: float
     clip_skip: int | None
     output_type: str
+    prompts_2: list[str | None] | None = None  # None entries: the row's prompt
+    negative_prompts_2: list[str | None] | None = None
+    guidance_rescales: list[float] = field(default_factory=list)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    prompt_syntax: str = "plain"
+    micro_conditioning: dict[str, list[Any]] = field(default_factory=dict)  # name -> per-row value or None
+
+    @property
+    def uses_cfg(self) -> bool:
+        return any(g > 1 for g in self.guidance_scales)
 
 
 def _per_row(value, batch: int, name: str) -> list:
@@ -43,9 +64,50 @@ def _check_number(value, name: str, low: float, high: float = math.inf) -> float
     return float(value)
 
 
+def _texts(value, batch: int, name: str, optional: bool) -> list[str | None]:
+    rows = _per_row(value, batch, name)
+    for i, text in enumerate(rows):
+        if not isinstance(text, str) and not (optional and text is None):
+            kind = "a string or None" if optional else "a string"
+            raise TypeError(f"{name}[{i}] must be {kind}; got {type(text).__name__}")
+    return rows
+
+
+def _second_texts(value, batch: int, name: str) -> list[str | None] | None:
+    """A second tower's texts; a single "" means "not given", as diffusers' `prompt_2 or prompt` reads it."""
+    if value is None or value == "":
+        return None
+    return _texts(value, batch, name, optional=True)
+
+
+def _fraction(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, float) or not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{name} must be None or a float strictly between 0 and 1 (the fraction of the schedule); "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_family_options(family: ModelFamily, options: Mapping[str, Any]) -> None:
+    """ValueError naming the family for any given (non-None) option the family does not take."""
+    given = (name for name, value in options.items() if value is not None)
+    foreign = sorted(name for name in given if name not in family.call_options)
+    if foreign:
+        takes = ", ".join(family.call_options) or "none of the SDXL arguments"
+        raise ValueError(
+            f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to this {family.label} "
+            f"model ({family.name}); it takes {takes}"
+        )
+
+
 def resolve_call_args(
+    family: ModelFamily,
+    max_clip_skip: int,
     prompts: str | Sequence[str],
-    negative_prompts: str | Sequence[str] | None,
+    negative_prompts: str | Sequence[str | None] | None,
     strength: float,
     guidance_scale: float | Sequence[float],
     num_inference_steps: int,
@@ -53,23 +115,29 @@ def resolve_call_args(
     eta: float,
     clip_skip: int | None,
     output_type: str,
-    num_text_layers: int,
+    *,
+    guidance_rescale: float | Sequence[float] = 0.0,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
+    prompt_syntax: str = "plain",
+    family_options: Mapping[str, Any] | None = None,
 ) -> CallArgs:
     """Check every argument once, with messages that say which one is wrong and how to fix it."""
+    family_options = dict(family_options or {})
+    check_family_options(family, family_options)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("prompts is empty; give one prompt per image")
-    for i, p in enumerate(prompt_list):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be a string; got {type(p).__name__}")
     batch = len(prompt_list)
-    negatives = _per_row("" if negative_prompts is None else negative_prompts, batch, "negative_prompts")
-    for i, p in enumerate(negatives):
-        if not isinstance(p, str):
-            raise TypeError(f"negative_prompts[{i}] must be a string; got {type(p).__name__}")
+    prompt_list = _texts(prompt_list, batch, "prompts", optional=False)
+    negatives = _texts(negative_prompts, batch, "negative_prompts", optional=True)
     guidance = [
         _check_number(g, f"guidance_scale[{i}]", 0.0, 1e4)
         for i, g in enumerate(_per_row(guidance_scale, batch, "guidance_scale"))
+    ]
+    rescales = [
+        _check_number(r, f"guidance_rescale[{i}]", 0.0, 1.0)
+        for i, r in enumerate(_per_row(guidance_rescale, batch, "guidance_rescale"))
     ]
     if seeds is None:
         seeds = [secrets.randbits(63) for _ in range(batch)]
@@ -84,7 +152,8 @@ def resolve_call_args(
         or num_inference_steps < 1
     ):
         raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
-    if int(num_inference_steps * strength) < 1:
+    start, end = _fraction(denoising_start, "denoising_start"), _fraction(denoising_end, "denoising_end")
+    if start is None and int(num_inference_steps * strength) < 1:
         raise ValueError(
             f"strength {strength} x num_inference_steps {num_inference_steps} < 1 would run no "
             "denoising step "
@@ -92,14 +161,21 @@ def resolve_call_args(
         )
     eta = _check_number(eta, "eta", 0.0, 1.0)
     if clip_skip is not None and (
-        isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < num_text_layers
+        isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= max_clip_skip
     ):
         raise ValueError(
-            f"clip_skip must be None or an integer in [0, {num_text_layers - 1}] for this "
-            f"{num_text_layers}-layer text encoder; got {clip_skip!r}"
+            f"clip_skip must be None or an integer in [0, {max_clip_skip}] for this model's text "
+            f"encoder(s); got {clip_skip!r}"
         )
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}; got {prompt_syntax!r}")
+    micro = {
+        name: per_row_values(name, value, batch)
+        for name, value in family_options.items()
+        if name not in SECOND_PROMPTS and value is not None
+    }
     return CallArgs(
         prompts=prompt_list,
         negative_prompts=negatives,
@@ -110,4 +186,11 @@ def resolve_call_args(
         eta=eta,
         clip_skip=clip_skip,
         output_type=output_type,
+        prompts_2=_second_texts(family_options.get(SECOND_PROMPTS[0]), batch, SECOND_PROMPTS[0]),
+        negative_prompts_2=_second_texts(family_options.get(SECOND_PROMPTS[1]), batch, SECOND_PROMPTS[1]),
+        guidance_rescales=rescales,
+        denoising_start=start,
+        denoising_end=end,
+        prompt_syntax=prompt_syntax,
+        micro_conditioning=micro,
     )

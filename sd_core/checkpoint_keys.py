@@ -1,8 +1,11 @@
-"""A CompVis/A1111 single-file checkpoint <-> the UNet, VAE and text-encoder state dicts our modules load.
+"""A CompVis/SGM single-file checkpoint <-> the state dicts of our UNet, VAE and text towers.
 
-UNet and VAE keys are diffusers' (`UNet2DConditionModel`, `AutoencoderKL`); text-encoder keys are
-transformers 5 CLIPTextModel's flat ones. `join_single_file` is the exact inverse of `split_single_file`.
-The UNet/VAE layouts come from their diffusers configs when given, else from the key names being converted.
+UNet and VAE keys are diffusers' (`UNet2DConditionModel`, `AutoencoderKL`); text towers use transformers
+5's keys (a flat CLIPTextModel; CLIPTextModelWithProjection's `text_model.*` + `text_projection.weight`).
+Where each tower sits in the file and in which layout (transformers' own, or OpenCLIP's with fused q/k/v
+and the projection stored transposed) is its family's `TextTower`. `join_single_file` is the exact
+inverse of `split_single_file`. The UNet/VAE layouts come from their configs when given, else from the
+key names being converted.
 """
 
 from __future__ import annotations
@@ -13,66 +16,92 @@ from typing import Any
 import torch
 
 from sd_core.clip_keys import clip_to_flat, flat_to_clip, flat_to_openclip, openclip_to_flat
-from sd_core.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, Family
+from sd_core.families import UNET_PREFIX, VAE_PREFIX, ModelFamily, TextTower
 from sd_core.ldm_keys import UNetLayout, VAELayout, unet_key_map, vae_key_map
 
 StateDict = Mapping[str, torch.Tensor]
 Config = Mapping[str, Any]
 
+OPENCLIP_PROJECTION = "text_projection"  # [width, projection], applied as x @ P
+HF_PROJECTION = "text_projection.weight"  # its transpose, a Linear's weight
+_NESTED = "text_model."
+
 
 def split_single_file(
-    ldm_state_dict: StateDict,
-    family: str,
-    text_config: Config,
-    *,
-    unet_config: Config | None = None,
-    vae_config: Config | None = None,
+    ldm_state_dict: StateDict, family: ModelFamily, configs: Mapping[str, Config] | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{"unet", "vae", "text_encoder"} state dicts.
+    """{"unet", "vae", <each tower's component>} state dicts.
 
-    Keys outside the three prefixes (EMA copies, DDPM schedule buffers) are ignored; so are position-id
-    buffers, OpenCLIP's projection head, and text blocks past `text_config["num_hidden_layers"]`.
-    """
-    text_prefix = _family(family).text_prefix
-    unet, vae, text = (_under(ldm_state_dict, prefix) for prefix in (UNET_PREFIX, VAE_PREFIX, text_prefix))
-    unet_layout = UNetLayout.from_config(unet_config) if unet_config else UNetLayout.from_ldm_keys(unet)
-    vae_layout = VAELayout.from_config(vae_config) if vae_config else VAELayout.from_ldm_keys(vae)
-    return {
+    Keys outside the family's prefixes (EMA copies, DDPM schedule buffers) are ignored; so are position-id
+    buffers, OpenCLIP's contrastive head where the tower has no projection, and text blocks past the
+    tower config's `num_hidden_layers` (diffusers' SD2 uses 23 of 24)."""
+    configs = configs or {}
+    unet, vae = _under(ldm_state_dict, UNET_PREFIX), _under(ldm_state_dict, VAE_PREFIX)
+    unet_layout, vae_layout = _layouts(configs, unet, vae, UNetLayout.from_ldm_keys, VAELayout.from_ldm_keys)
+    parts = {
         "unet": unet_key_map(unet_layout).to_diffusers(unet),
         "vae": vae_key_map(vae_layout).to_diffusers(vae),
-        "text_encoder": (
-            clip_to_flat(text) if family == "v1" else openclip_to_flat(text, text_config["num_hidden_layers"])
-        ),
     }
+    for tower in family.towers:
+        text = _under(ldm_state_dict, tower.checkpoint_prefix)
+        parts[tower.component] = _tower_from_ldm(text, tower, configs.get(tower.component))
+    return parts
 
 
 def join_single_file(
-    unet_sd: StateDict,
-    vae_sd: StateDict,
-    text_sd: StateDict,
-    family: str,
-    *,
-    unet_config: Config | None = None,
-    vae_config: Config | None = None,
+    weights: Mapping[str, StateDict], family: ModelFamily, configs: Mapping[str, Config] | None = None
 ) -> dict[str, torch.Tensor]:
-    """One CompVis-layout state dict, as A1111 and diffusers' `from_single_file` read them."""
-    text_prefix = _family(family).text_prefix
-    unet_layout = (
-        UNetLayout.from_config(unet_config) if unet_config else UNetLayout.from_diffusers_keys(unet_sd)
+    """One CompVis/SGM-layout state dict, as A1111, ComfyUI and diffusers' `from_single_file` read them."""
+    configs = configs or {}
+    unet_sd, vae_sd = weights["unet"], weights["vae"]
+    unet_layout, vae_layout = _layouts(
+        configs, unet_sd, vae_sd, UNetLayout.from_diffusers_keys, VAELayout.from_diffusers_keys
     )
-    vae_layout = VAELayout.from_config(vae_config) if vae_config else VAELayout.from_diffusers_keys(vae_sd)
-    text = flat_to_clip(text_sd) if family == "v1" else flat_to_openclip(text_sd)
-    return (
-        _prefixed(UNET_PREFIX, unet_key_map(unet_layout).to_ldm(unet_sd))
-        | _prefixed(VAE_PREFIX, vae_key_map(vae_layout).to_ldm(vae_sd))
-        | _prefixed(text_prefix, text)
-    )
+    joined = _prefixed(UNET_PREFIX, unet_key_map(unet_layout).to_ldm(unet_sd))
+    joined |= _prefixed(VAE_PREFIX, vae_key_map(vae_layout).to_ldm(vae_sd))
+    for tower in family.towers:
+        joined |= _prefixed(tower.checkpoint_prefix, _tower_to_ldm(weights[tower.component], tower))
+    return joined
 
 
-def _family(family: str) -> Family:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[family]
+def _layouts(
+    configs: Mapping[str, Config], unet: StateDict, vae: StateDict, unet_from_keys, vae_from_keys
+) -> tuple[UNetLayout, VAELayout]:
+    """The UNet and VAE layouts from their configs, or else from the key names of their state dicts."""
+    unet_layout = UNetLayout.from_config(configs["unet"]) if "unet" in configs else unet_from_keys(unet)
+    vae_layout = VAELayout.from_config(configs["vae"]) if "vae" in configs else vae_from_keys(vae)
+    return unet_layout, vae_layout
+
+
+def _tower_from_ldm(text: StateDict, tower: TextTower, config: Config | None) -> dict[str, torch.Tensor]:
+    """A tower's single-file keys -> the keys its transformers model class loads."""
+    if tower.checkpoint_layout == "clip":
+        flat = clip_to_flat(text)
+    else:
+        num_layers = config["num_hidden_layers"] if config else _openclip_blocks(text)
+        flat = openclip_to_flat(text, num_layers)
+        if tower.projection:
+            flat[HF_PROJECTION] = text[OPENCLIP_PROJECTION].T.contiguous()
+    if not tower.projection:
+        return flat
+    return {key if key == HF_PROJECTION else _NESTED + key: value for key, value in flat.items()}
+
+
+def _tower_to_ldm(state_dict: StateDict, tower: TextTower) -> dict[str, torch.Tensor]:
+    flat = {key.removeprefix(_NESTED): value for key, value in state_dict.items()}
+    projection = flat.pop(HF_PROJECTION, None)
+    if tower.checkpoint_layout == "clip":
+        return flat_to_clip(flat)
+    ldm = flat_to_openclip(flat)
+    if projection is not None:
+        ldm[OPENCLIP_PROJECTION] = projection.T.contiguous()
+    return ldm
+
+
+def _openclip_blocks(text: StateDict) -> int:
+    """How many transformer blocks an OpenCLIP tower holds (all of them are used without a config)."""
+    blocks = {key.split(".")[2] for key in text if key.startswith("transformer.resblocks.")}
+    return len(blocks)
 
 
 def _under(state_dict: StateDict, prefix: str) -> dict[str, torch.Tensor]:

@@ -54,7 +54,10 @@ def images_to_tensor(images: Sequence[PIL.Image.Image] | torch.Tensor, scale_fac
 
 def _check_tensor(images: torch.Tensor, scale_factor: int) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"image tensor must have shape [B, 3, H, W]; got {list(images.shape)}")
+        raise ValueError(
+            f"image tensor must have shape [B, 3, H, W] (or be latents [B, 4, h, w]); "
+            f"got {list(images.shape)}"
+        )
     if not images.is_floating_point():
         raise ValueError(f"image tensor must be floating point in [0, 1]; got dtype {images.dtype}")
     height, width = images.shape[-2:]

@@ -126,13 +126,21 @@ _UNET_BLOCK_HAS_ATTENTION = {
 _UNET_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 
 
+_UNET_ADDED_EMBEDDING = (  # SDXL's text_time embedding (sgm's ADM "label_emb")
+    ("add_embedding.linear_1", "label_emb.0.0"),
+    ("add_embedding.linear_2", "label_emb.0.2"),
+)
+
+
 @dataclass(frozen=True)
 class UNetLayout:
-    """All the UNet key names depend on: resnets per down level, and which down/up levels attend."""
+    """All the UNet key names depend on: resnets per down level, which down/up levels attend, and whether
+    there is SDXL's added embedding."""
 
     layers: tuple[int, ...]
     down_attention: tuple[bool, ...]
     up_attention: tuple[bool, ...]
+    added_embedding: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> UNetLayout:
@@ -146,6 +154,7 @@ class UNetLayout:
             tuple(layers for _ in down_attention) if isinstance(layers, int) else tuple(layers),
             down_attention,
             tuple(_has_attention(block) for block in config["up_block_types"]),
+            config.get("addition_embed_type") == "text_time",
         )
 
     @classmethod
@@ -157,6 +166,7 @@ class UNetLayout:
             ),
             tuple(f"down_blocks.{level}.attentions.0.proj_in.weight" in keys for level in range(levels)),
             tuple(f"up_blocks.{level}.attentions.0.proj_in.weight" in keys for level in range(levels)),
+            "add_embedding.linear_1.weight" in keys,
         )
 
     @classmethod
@@ -177,7 +187,7 @@ class UNetLayout:
             rows = range(index, index + down_layers + 1)
             up_attention.append(any(f"output_blocks.{row}.1.proj_in.weight" in keys for row in rows))
             index = rows.stop
-        return cls(tuple(layers), tuple(down_attention), tuple(up_attention))
+        return cls(tuple(layers), tuple(down_attention), tuple(up_attention), "label_emb.0.0.weight" in keys)
 
 
 def unet_key_map(layout: UNetLayout) -> KeyMap:
@@ -199,7 +209,7 @@ def _count_keys(keys: Collection[str], template: str) -> int:
 
 def _unet_renames(layout: UNetLayout) -> Iterator[ModuleRename]:
     """Walks the blocks in LDM order, as its `input_blocks`/`output_blocks` counters do."""
-    for diffusers, ldm in _UNET_TOP_LEVEL:
+    for diffusers, ldm in _UNET_TOP_LEVEL + (_UNET_ADDED_EMBEDDING if layout.added_embedding else ()):
         yield ModuleRename(diffusers, ldm)
     last = len(layout.layers) - 1
 

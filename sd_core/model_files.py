@@ -17,12 +17,19 @@ from sd_core.families import bundled_config
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 CONFIG_METADATA_KEY = "sdbatch_config"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+REQUIRED_FOLDERS = ("unet", "vae", "scheduler")  # every family's; text encoders vary (SDXL's refiner: one)
+TEXT_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # encoder -> its tokenizer
+WEIGHT_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 PICKLE_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "pytorch_model",
+    "text_encoder_2": "pytorch_model",
 }
 SAFETENSORS_LENGTH_BYTES = 8  # a safetensors file opens with its JSON header's length, little-endian
 
@@ -70,16 +77,18 @@ def component_weight_file(folder: str | PathLike[str], name: str, file_names: It
     )
 
 
-def family_of_text_config(text_config: Mapping[str, Any]) -> str:
-    """OpenCLIP (SD2) text towers use GELU; OpenAI CLIP (SD1) uses quick-GELU."""
-    return "v2" if text_config.get("hidden_act") == "gelu" else "v1"
-
-
 def single_file_configs(family: str, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """The configs of a single-file checkpoint given no config folder: those sdbatch embeds in the
     safetensors metadata when exporting, else the bundled standard configs of the detected family."""
     text = metadata.get(CONFIG_METADATA_KEY)
     return json.loads(text) if text else bundled_config(family)
+
+
+def present_text_folders(folder_entries: Iterable[str], model_index: Mapping[str, Any]) -> list[str]:
+    """The text-encoder folders a diffusers folder holds: present, and not declared empty in
+    model_index.json (diffusers writes `"text_encoder": [null, null]` for SDXL's refiner)."""
+    present = set(folder_entries)
+    return [name for name in TEXT_FOLDERS if name in present and model_index.get(name, [True])[0] is not None]
 
 
 def safetensors_header_length(opening: bytes) -> int:

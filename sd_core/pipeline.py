@@ -1,11 +1,15 @@
-"""Img2ImgPipeline: SDEdit with per-row seeds and guidance, the same math as diffusers'
-StableDiffusionImg2ImgPipeline (encode, noise to the strength's timestep, denoise, decode)."""
+"""Img2ImgPipeline: SDEdit for every family (SD 1.x/2.x, SDXL base and refiner) with per-row seeds and
+guidance; the same math as diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline
+(encode, noise to the strength's timestep, denoise, decode). The family is data the flow is given
+(sd_core.families): its text towers, its micro-conditioning, its VAE rules."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
@@ -15,12 +19,15 @@ from sd_core.adapters.lora import FuseReport, LoadedLora, fuse_loras, load_lora_
 from sd_core.adapters.lora_export import save_lora_peft
 from sd_core.adapters.textual_inversion import add_embedding, load_embedding_file
 from sd_core.call_args import CallArgs, resolve_call_args
+from sd_core.denoiser import Denoiser, guide
 from sd_core.images import images_to_tensor, tensor_to_output
 from sd_core.loading import ModelParts, load_model_parts
+from sd_core.micro_conditioning import resolved_values, time_ids
+from sd_core.prompt_encoder import PromptEncoder
 from sd_core.schedulers import SCHEDULER_NAMES, make_scheduler
 from sd_core.schedulers.run import randn_rows
 from sd_core.speed import compile_forward, distinct_rows, set_memory_format
-from sd_core.text_encoder import PromptEncoder, build_text_encoder
+from sd_core.text_encoder import TowerEncoder, build_text_encoder
 from sd_core.unet import UNet, UNetConfig
 from sd_core.vae import AutoencoderKL, VAEConfig
 from sd_core.weights import load_checked
@@ -58,8 +65,20 @@ def _build(module_cls, config, weights: dict[str, torch.Tensor], name: str) -> t
     return load_checked(module, weights, name)
 
 
+@dataclass
+class CallReport:
+    """What the last call did, for records: rows the VAE encoder ran on (repeats count once), steps run,
+    the first timestep, prompts cut at 77 tokens, and the micro-conditioning values used (SDXL)."""
+
+    encoded_images: int = 0
+    steps_run: int = 0
+    start_timestep: float | None = None
+    truncated_prompts: list[bool] = field(default_factory=list)
+    micro_conditioning: dict[str, list[Any]] = field(default_factory=dict)
+
+
 class Img2ImgPipeline:
-    """Stable Diffusion 1.x/2.x image-to-image.
+    """Stable Diffusion image-to-image for SD 1.x, SD 2.x and SDXL (base and refiner).
 
     Every output row has its own seed and CPU generator, consumed in diffusers' order (posterior
     sample, initial noise, per-step noise), so a row's image does not depend on its batch.
@@ -77,27 +96,39 @@ class Img2ImgPipeline:
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vae_dtype = vae_dtype or dtype
         self.family = parts.family
         self.source = parts.source
-        self.scheduler_config = dict(parts.configs["scheduler"])
-        self.text_config = dict(parts.configs["text_encoder"])
+        self.configs = {name: dict(config) for name, config in parts.configs.items()}
+        self.pipeline_flags = dict(parts.flags)  # model_index.json's (force_zeros_for_empty_prompt, ...)
+        self.scheduler_config = self.configs["scheduler"]
         self.prediction_type = prediction_type
         self.unet = _build(UNet, UNetConfig.from_dict(parts.configs["unet"]), parts.weights["unet"], "UNet")
         self.unet.to(self.device, dtype)
-        self.vae = _build(
-            AutoencoderKL, VAEConfig.from_dict(parts.configs["vae"]), parts.weights["vae"], "VAE"
-        )
+        vae_config = VAEConfig.from_dict(parts.configs["vae"])
+        self.vae_dtype = vae_dtype or self._default_vae_dtype(vae_config)
+        self.vae = _build(AutoencoderKL, vae_config, parts.weights["vae"], "VAE")
         self.vae.to(self.device, self.vae_dtype)
-        text_model = build_text_encoder(parts.configs["text_encoder"], parts.weights["text_encoder"])
-        self.prompt_encoder = PromptEncoder(parts.tokenizer, text_model.to(self.device, dtype))
+        towers = []
+        for tower in self.family.towers:
+            name = tower.component
+            model = build_text_encoder(parts.configs[name], parts.weights[name], tower.projection)
+            tokenizer = parts.tokenizers[tower.tokenizer]
+            towers.append(TowerEncoder(tower, tokenizer, model.to(self.device, dtype)))
+        self.prompt_encoder = PromptEncoder(self.family, towers, parts.zero_negatives)
         self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
         self.vae_batch_size: int | None = None
         self._float32_vae: AutoencoderKL | None = None  # made on the first float16 overflow
-        self.last_encoded_images = 0  # images the VAE encoder ran on in the last call (repeats count once)
+        self.last_call = CallReport()
         self.set_channels_last(channels_last)
         self.adapters: list[AdapterInfo] = []
         self._loras: list[tuple[LoadedLora, float, float | None]] = []  # kept for save_lora
+
+    def _default_vae_dtype(self, vae_config: VAEConfig) -> torch.dtype:
+        """The pipeline's dtype, except float32 for a float16 run of a family whose pipelines honour the
+        VAE's force_upcast (SDXL: its original VAE overflows in float16), as diffusers does."""
+        if self.dtype == torch.float16 and self.family.vae_force_upcast and vae_config.force_upcast:
+            return torch.float32
+        return self.dtype
 
     @classmethod
     def from_pretrained(
@@ -113,9 +144,9 @@ class Img2ImgPipeline:
         config: str | Path | None = None,
         channels_last: bool = False,
     ) -> Img2ImgPipeline:
-        """Load a diffusers folder or a single CompVis/A1111 checkpoint (safetensors; pickles only with
-        allow_pickle). `config` names a diffusers folder whose configs a single file should use.
-        `channels_last` stores the convolution weights NHWC; see set_channels_last."""
+        """Load a diffusers folder or a single CompVis/SGM checkpoint (safetensors; pickles only with
+        allow_pickle), of any family; `pipe.family` says which. `config` names a diffusers folder whose
+        configs a single file should use. `channels_last` stores the convolution weights NHWC."""
         parts = load_model_parts(path, allow_pickle=allow_pickle, config=config)
         return cls(
             parts,
@@ -134,12 +165,24 @@ class Img2ImgPipeline:
         return self.vae.scale_factor_spatial
 
     @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text towers' models by component ("text_encoder", "text_encoder_2")."""
+        return {t.tower.component: t.model for t in self.prompt_encoder.towers}
+
+    @property
+    def tokenizers(self) -> dict[str, Any]:
+        """The text towers' tokenizers by component name ("tokenizer", "tokenizer_2")."""
+        return {t.tower.tokenizer: t.tokenizer for t in self.prompt_encoder.towers}
+
+    @property
     def tokenizer(self):
-        return self.prompt_encoder.tokenizer
+        """The first text tower's tokenizer."""
+        return self.prompt_encoder.towers[0].tokenizer
 
     @property
     def text_encoder(self):
-        return self.prompt_encoder.text_model
+        """The first text tower's model (SDXL's refiner has only text_encoder_2)."""
+        return self.prompt_encoder.towers[0].model
 
     def set_scheduler(self, name: str) -> None:
         """Switch sampler by name: ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, unipc."""
@@ -243,7 +286,7 @@ class Img2ImgPipeline:
         self,
         images: Sequence[PIL.Image.Image] | torch.Tensor,
         prompts: str | Sequence[str],
-        negative_prompts: str | Sequence[str] | None = None,
+        negative_prompts: str | Sequence[str | None] | None = None,
         strength: float = 0.8,
         guidance_scale: float | Sequence[float] = 7.5,
         num_inference_steps: int = 50,
@@ -251,14 +294,52 @@ class Img2ImgPipeline:
         eta: float = 0.0,
         clip_skip: int | None = None,
         output_type: str = "pil",
+        *,
+        prompts_2: str | Sequence[str | None] | None = None,
+        negative_prompts_2: str | Sequence[str | None] | None = None,
+        original_size: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        target_size: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        crops_coords_top_left: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        negative_original_size: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        negative_target_size: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        aesthetic_score: float | Sequence[float | None] | None = None,
+        negative_aesthetic_score: float | Sequence[float | None] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_rescale: float | Sequence[float] = 0.0,
+        prompt_syntax: str = "plain",
     ):
         """Edit `images` towards `prompts`; one output per row.
 
-        images: PIL images (sides floored to multiples of the VAE factor, as diffusers does) or a float
-        tensor [B, 3, H, W] in [0, 1]. guidance_scale and seeds may be per-row lists. Returns PIL images,
-        an np array [B, H, W, 3] in [0, 1], a tensor [B, 3, H, W] ('pt'), or latents ('latent').
+        images: PIL images (sides floored to multiples of the VAE factor, as diffusers does), a float
+        tensor [B, 3, H, W] in [0, 1], or latents [B, 4, h, w] (an `output_type="latent"` result: the
+        base -> refiner hand-off). guidance_scale, guidance_rescale, seeds, negative prompts and the SDXL
+        micro-conditioning may be per-row lists. SDXL takes `prompts_2` / `negative_prompts_2` (the
+        second text encoder's; default: the first's), `original_size`, `crops_coords_top_left` and
+        `target_size` (base) or `aesthetic_score` (refiner), and their negative_* counterparts; another
+        family refuses them. `denoising_start` / `denoising_end` run only that part of the schedule
+        (ensemble of experts; with denoising_start the input is taken as partly denoised latents and no
+        noise is added, strength is unused). `prompt_syntax="a1111"` reads A1111's `(word:1.2)` weights
+        and encodes long prompts in 75-token chunks; "plain" (default) is diffusers' (cut at 77 tokens).
+        Returns PIL images, an np array [B, H, W, 3] in [0, 1], a tensor [B, 3, H, W] ('pt'), or
+        latents ('latent'). `last_call` reports what the call did.
         """
+        family_options = {
+            "prompts_2": prompts_2,
+            "negative_prompts_2": negative_prompts_2,
+            "original_size": original_size,
+            "target_size": target_size,
+            "crops_coords_top_left": crops_coords_top_left,
+            "negative_original_size": negative_original_size,
+            "negative_target_size": negative_target_size,
+            "negative_crops_coords_top_left": negative_crops_coords_top_left,
+            "aesthetic_score": aesthetic_score,
+            "negative_aesthetic_score": negative_aesthetic_score,
+        }
         args = resolve_call_args(
+            self.family,
+            self.prompt_encoder.max_clip_skip,
             prompts,
             negative_prompts,
             strength,
@@ -268,51 +349,103 @@ class Img2ImgPipeline:
             eta,
             clip_skip,
             output_type,
-            self.prompt_encoder.num_layers,
+            guidance_rescale=guidance_rescale,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+            prompt_syntax=prompt_syntax,
+            family_options=family_options,
         )
-        pixels = images_to_tensor(images, self.vae_scale_factor)
-        if pixels.shape[0] != len(args.prompts):
+        given_latents = self._is_latent_input(images)
+        start = images.float() if given_latents else images_to_tensor(images, self.vae_scale_factor)
+        if start.shape[0] != len(args.prompts):
             raise ValueError(
-                f"got {pixels.shape[0]} images but {len(args.prompts)} prompts; give one prompt per image"
+                f"got {start.shape[0]} images but {len(args.prompts)} prompts; give one prompt per image"
             )
-        latents = self.denoise(pixels, args)
+        latents = self.denoise(start, args, given_latents)
         if args.output_type == "latent":
             return latents
         decoded = self.decode_safely(latents)
-        self._check_finite(decoded, "the VAE decoder", pixels)
+        self._check_finite(decoded, "the VAE decoder", None if given_latents else start)
         return tensor_to_output(decoded, args.output_type)
 
-    def denoise(self, pixels: torch.Tensor, args: CallArgs) -> torch.Tensor:
-        """The SDEdit loop: [B,3,H,W] pixels in [-1,1] -> denoised latents [B,4,H/f,W/f]."""
-        run = self.scheduler.start(args.num_inference_steps, args.strength, device=self.device, eta=args.eta)
+    def _is_latent_input(self, images) -> bool:
+        """A float tensor with the latent channel count is latents (diffusers' rule: images have 3)."""
+        channels = self.vae.config.latent_channels
+        if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == channels):
+            return False
+        if not images.is_floating_point():
+            raise ValueError(f"latents must be a float tensor [B, {channels}, h, w], not {images.dtype}")
+        return True
+
+    @property
+    def last_encoded_images(self) -> int:
+        """Rows the VAE encoder ran on in the last call (repeated images count once)."""
+        return self.last_call.encoded_images
+
+    def denoise(self, start: torch.Tensor, args: CallArgs, given_latents: bool = False) -> torch.Tensor:
+        """The SDEdit loop: pixels [B,3,H,W] in [-1,1] (or latents [B,4,h,w]) -> denoised latents."""
+        run = self.scheduler.start(
+            args.num_inference_steps,
+            args.strength,
+            device=self.device,
+            eta=args.eta,
+            denoising_start=args.denoising_start,
+            denoising_end=args.denoising_end,
+        )
         generators = [torch.Generator("cpu").manual_seed(s) for s in args.seeds]
-        context = self.prompt_encoder.encode(args.prompts, args.clip_skip).to(self.dtype)
-        guidance = torch.tensor(args.guidance_scales, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
-        use_cfg = any(g > 1 for g in args.guidance_scales)
-        if use_cfg:
-            uncond = self.prompt_encoder.encode_negative(args.negative_prompts).to(self.dtype)
-            context = torch.cat([uncond, context])
-        clean = self.encode(pixels, generators)
-        noise = randn_rows(clean, generators)
-        latents = run.add_noise(clean, noise)
+        text = self.prompt_encoder.encode(args.prompts, args.prompts_2, args.clip_skip, args.prompt_syntax)
+        report = CallReport(steps_run=run.num_steps, start_timestep=float(run.timesteps[0]))
+        report.truncated_prompts = text.truncated
+        if given_latents:
+            clean = start.to(self.device, self.dtype)
+        else:
+            clean = self.encode(start, generators)
+            report.encoded_images = self._encoded_rows
+        image_size = (clean.shape[-2] * self.vae_scale_factor, clean.shape[-1] * self.vae_scale_factor)
+        positive_ids, negative_ids = self._time_ids(args, image_size, report)
+        ids = positive_ids
+        if args.uses_cfg:
+            uncond = self.prompt_encoder.encode_negative(
+                args.negative_prompts, args.negative_prompts_2, text, args.prompt_syntax
+            )
+            text = uncond.cat(text)
+            ids = None if ids is None else torch.cat([negative_ids, positive_ids])
+        denoiser = Denoiser(self.unet, text.to(self.dtype), ids)
+        scales = torch.tensor(args.guidance_scales, dtype=self.dtype, device=self.device).view(-1, 1, 1, 1)
+        rescales = None
+        if any(r > 0 for r in args.guidance_rescales):
+            rescales = torch.tensor(args.guidance_rescales, dtype=self.dtype, device=self.device)
+            rescales = rescales.view(-1, 1, 1, 1)
+        latents = clean
+        if args.denoising_start is None:  # else the input is partly denoised already (no noise: diffusers)
+            latents = run.add_noise(clean, randn_rows(clean, generators))
         for i, t in enumerate(run.timesteps):
-            model_in = run.scale_model_input(torch.cat([latents, latents]) if use_cfg else latents, i)
-            prediction = self.unet(model_in, t, context)
-            if use_cfg:
-                uncond_pred, cond_pred = prediction.chunk(2)
-                guided = uncond_pred + guidance * (cond_pred - uncond_pred)
-                # Rows with guidance <= 1 take the conditional prediction, as diffusers does with CFG off.
-                prediction = torch.where(guidance > 1, guided, cond_pred)
+            model_in = run.scale_model_input(torch.cat([latents, latents]) if args.uses_cfg else latents, i)
+            prediction = denoiser(model_in, t)
+            if args.uses_cfg:
+                prediction = guide(prediction, scales, rescales)
             latents = run.step(prediction, i, latents, generators)
         self._check_finite(latents, "the UNet", None)
+        self.last_call = report
         return latents
+
+    def _time_ids(
+        self, args: CallArgs, image_size: tuple[int, int], report: CallReport
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """SDXL's (positive, negative) micro-conditioning ids [B, k]; (None, None) for other families."""
+        spec = self.family.time_ids
+        if spec is None:
+            return None, None
+        batch = len(args.prompts)
+        report.micro_conditioning = resolved_values(spec, args.micro_conditioning, image_size, batch)
+        return time_ids(spec, args.micro_conditioning, image_size, batch, self.dtype, self.device)
 
     def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """Pixels in [-1, 1] -> scaled latents, the posterior sampled row by row with each row's generator.
         Repeated images (variants of one input) are encoded once; each row still draws its own sample."""
         distinct, index = distinct_rows(pixels.to(self.device, self.vae_dtype))
         posterior = self.vae.encode(distinct)
-        self.last_encoded_images = distinct.shape[0]
+        self._encoded_rows = distinct.shape[0]
         if index is not None:
             posterior = posterior.take(index)
         return (self.vae.config.scaling_factor * posterior.sample_rows(generators)).to(self.dtype)

@@ -1,4 +1,9 @@
-"""The SD1.x / SD2.x conditional UNet, parameter-for-parameter diffusers' UNet2DConditionModel."""
+"""The conditional UNet of SD1.x / SD2.x / SDXL, parameter-for-parameter diffusers' UNet2DConditionModel.
+
+SDXL adds `addition_embed_type="text_time"`: the pooled text vector and the micro-conditioning values
+(original size, crop, target size or aesthetic score), each value sinusoid-embedded, go through one more
+MLP (`add_embedding`) whose output is added to the timestep embedding.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,8 @@ PER_BLOCK_KEYS = (
     "layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"
 )
 
-# diffusers UNet2DConditionModel options we don't build, each with the value(s) that leave SD1/SD2 unchanged.
-# SDXL will need addition_embed_type="text_time" (+ addition_time_embed_dim,
-# projection_class_embeddings_input_dim): an `add_embedding` summed into `UNet.embed_timestep`.
+ADDITION_EMBED_TYPES = (None, "text_time")
+# diffusers UNet2DConditionModel options we don't build, each with the value(s) that leave the UNet as built.
 _FIXED: dict[str, tuple[Any, ...]] = {
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "only_cross_attention": (False,),
@@ -33,9 +37,6 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "addition_embed_type_num_heads": (64,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -81,6 +82,10 @@ class UNetConfig:
     upcast_attention: bool = False  # SD2: attention math in float32
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # SDXL: "text_time" adds the pooled text vector and the micro-conditioning to the timestep embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per micro-conditioning value (256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + values x that width
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -100,6 +105,29 @@ class UNetConfig:
             raise unsupported("UNet", "act_fn", self.act_fn, " or ".join(ACTIVATIONS))
         if not isinstance(self.norm_num_groups, int):
             raise unsupported("UNet", "norm_num_groups", self.norm_num_groups, "an int")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise unsupported("UNet", "addition_embed_type", self.addition_embed_type, "None or 'text_time'")
+        text_time_sizes = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type == "text_time" and not all(isinstance(v, int) for v in text_time_sizes):
+            raise unsupported(
+                "UNet",
+                "addition_time_embed_dim / projection_class_embeddings_input_dim",
+                text_time_sizes,
+                "two ints with addition_embed_type 'text_time'",
+            )
+
+    def time_id_width(self, pooled_width: int) -> int:
+        """How many micro-conditioning values (time ids) the added embedding expects next to a pooled text
+        vector `pooled_width` wide; ValueError if the widths do not add up."""
+        rest = self.projection_class_embeddings_input_dim - pooled_width
+        if rest <= 0 or rest % self.addition_time_embed_dim:
+            raise ValueError(
+                "UNet config: projection_class_embeddings_input_dim="
+                f"{self.projection_class_embeddings_input_dim} is not the pooled text width {pooled_width} "
+                f"plus a multiple of addition_time_embed_dim={self.addition_time_embed_dim}; the text "
+                "encoder does not belong to this UNet"
+            )
+        return rest // self.addition_time_embed_dim
 
     def per_block(self, key: str) -> tuple[int, ...]:
         """One value per resolution level, for options config.json may give as a single int."""
@@ -178,6 +206,9 @@ class UNet(nn.Module):
                 )
             )
 
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_dim)
+
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_act = activation(config.act_fn)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, k_out, padding=(k_out - 1) // 2)
@@ -202,13 +233,33 @@ class UNet(nn.Module):
         sinusoids = timestep_sinusoids(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         return self.time_embedding(sinusoids.to(sample.dtype))  # sinusoids are float32, the model may not be
 
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor
+    def embed_additions(
+        self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
-        """sample [B, C_in, h, w], timestep 0-d or [B], encoder_hidden_states [B, L, D] -> [B, C_out, h, w]"""
+        """SDXL's added embedding: pooled text [B, P] and time ids [B, k], each id sinusoid-embedded."""
+        c = self.config
+        width, flip, shift = c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift
+        sinusoids = timestep_sinusoids(time_ids.flatten(), width, flip, shift)
+        added = torch.cat([text_embeds, sinusoids.reshape(text_embeds.shape[0], -1)], dim=-1)
+        return self.add_embedding(added.to(dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sample [B, C_in, h, w], timestep 0-d or [B], encoder_hidden_states [B, L, D] -> [B, C_out, h, w].
+        A "text_time" UNet (SDXL) also takes the pooled text `text_embeds` [B, P] and `time_ids` [B, k]."""
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         temb = self.embed_timestep(timestep, sample)
+        if self.config.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise ValueError("a 'text_time' UNet (SDXL) needs text_embeds and time_ids")
+            temb = temb + self.embed_additions(text_embeds, time_ids, temb.dtype)
         context = encoder_hidden_states
 
         x = self.conv_in(sample)

@@ -31,7 +31,15 @@ def write_model_with_diffusers(folder, family: str, seed: int = 0):
 def model_dirs(tmp_path_factory) -> dict:
     """{"v1": folder, "v2": folder}: SD1-style and SD2-style (v-prediction, linear projections) models."""
     root = tmp_path_factory.mktemp("models")
-    return {family: write_model_with_diffusers(root / family, family) for family in TINY_CONFIGS}
+    return {family: write_model_with_diffusers(root / family, family) for family in ("v1", "v2")}
+
+
+@pytest.fixture(scope="session")
+def xl_model_dirs(tmp_path_factory) -> dict:
+    """{"xl_base": folder, "xl_refiner": folder}: SDXL-style base (two text towers, sizes and crop as
+    micro-conditioning) and refiner (the second tower only, aesthetic score) models."""
+    root = tmp_path_factory.mktemp("xl-models")
+    return {family: write_model_with_diffusers(root / family, family) for family in ("xl_base", "xl_refiner")}
 
 
 def diffusers_images(pipe, images, prompts, seeds, **kwargs) -> np.ndarray:

@@ -12,19 +12,33 @@ import torch
 
 @dataclass(frozen=True)
 class RunSettings:
-    """`Scheduler.start`'s arguments: the full schedule's length, img2img strength, device, DDIM's eta."""
+    """`Scheduler.start`'s arguments: the full schedule's length, img2img strength, device, DDIM's eta, and
+    the ensemble-of-experts cut-offs (diffusers' SDXL `denoising_start` / `denoising_end`)."""
 
     num_inference_steps: int
     strength: float
     device: torch.device
     eta: float = 0.0
+    denoising_start: float | None = None  # run only timesteps below this fraction of training time
+    denoising_end: float | None = None  # stop before timesteps below this fraction
+    num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
-        if int(self.num_inference_steps * self.strength) == 0:
+        for name in ("denoising_start", "denoising_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be a fraction strictly between 0 and 1, got {value}")
+        if self.denoising_start is not None and self.denoising_end is not None:
+            if self.denoising_start >= self.denoising_end:
+                raise ValueError(
+                    f"denoising_start ({self.denoising_start}) must be below denoising_end "
+                    f"({self.denoising_end}): together they select the part of the schedule between them"
+                )
+        elif self.denoising_start is None and int(self.num_inference_steps * self.strength) == 0:
             raise ValueError(
                 f"strength*num_inference_steps < 1 runs zero denoising steps (strength={self.strength}, "
                 f"num_inference_steps={self.num_inference_steps}); raise strength or steps"
@@ -32,9 +46,37 @@ class RunSettings:
 
     @property
     def begin_index(self) -> int:
-        """Where img2img enters the schedule (diffusers' get_timesteps; every scheduler here has order 1)."""
+        """Where img2img's strength enters the schedule (diffusers' get_timesteps; every scheduler here has
+        order 1). Not used when denoising_start is set."""
         init_timestep = min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
         return max(self.num_inference_steps - init_timestep, 0)
+
+    def timestep_cutoff(self, fraction: float) -> int:
+        """The training timestep a denoising fraction stands for (diffusers' discrete_timestep_cutoff)."""
+        return int(round(self.num_train_timesteps - fraction * self.num_train_timesteps))
+
+    def executed_range(self, schedule_timesteps: np.ndarray) -> tuple[int, int]:
+        """(begin, end) positions of the steps this run executes in the full schedule.
+
+        With denoising_start, the run begins at the first timestep below its cutoff (strength is ignored,
+        and the caller adds no noise: the input is already partly denoised); with denoising_end it stops
+        before the first timestep below that cutoff, as diffusers' SDXL pipelines do.
+        """
+        if self.denoising_start is None:
+            begin = self.begin_index
+        else:
+            below = int((schedule_timesteps < self.timestep_cutoff(self.denoising_start)).sum())
+            begin = len(schedule_timesteps) - below
+        end = len(schedule_timesteps)
+        if self.denoising_end is not None:
+            kept = schedule_timesteps[begin:] >= self.timestep_cutoff(self.denoising_end)
+            end = begin + int(kept.sum())
+        if end <= begin:
+            raise ValueError(
+                f"denoising_start={self.denoising_start}, denoising_end={self.denoising_end} leave none of "
+                f"the {self.num_inference_steps} steps to run; widen the range or raise num_inference_steps"
+            )
+        return begin, end
 
 
 class SchedulerRun(ABC):
@@ -45,8 +87,8 @@ class SchedulerRun(ABC):
 
     def __init__(self, schedule_timesteps: np.ndarray, settings: RunSettings):
         self.settings = settings
-        self.begin_index = settings.begin_index
-        executed = schedule_timesteps[self.begin_index :]
+        self.begin_index, end = settings.executed_range(schedule_timesteps)
+        executed = schedule_timesteps[self.begin_index : end]
         self._host_timesteps = executed.tolist()  # Python numbers, to index tables without device syncs
         self.timesteps = torch.from_numpy(executed.copy()).to(settings.device)
         self._next_step = 0

@@ -58,14 +58,31 @@ class Scheduler:
         return dataclasses.replace(self, config=config)
 
     def start(
-        self, num_inference_steps: int, strength: float, device: str | torch.device = "cpu", eta: float = 0.0
+        self,
+        num_inference_steps: int,
+        strength: float,
+        device: str | torch.device = "cpu",
+        eta: float = 0.0,
+        *,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> SchedulerRun:
-        """A run of the last `int(num_inference_steps * strength)` steps of a `num_inference_steps` schedule.
+        """A run of the last `int(num_inference_steps * strength)` steps of a `num_inference_steps` schedule,
+        or, with `denoising_start` / `denoising_end` (fractions in (0, 1)), of the steps between those points
+        of the schedule (base and refiner each run their part of one schedule).
 
         `eta` is DDIM's noise weight (0: deterministic); as in diffusers' pipeline, other samplers ignore it.
         Raises ValueError unless 0 <= strength <= 1 and at least one step runs.
         """
-        settings = RunSettings(num_inference_steps, strength, torch.device(device), eta)
+        settings = RunSettings(
+            num_inference_steps,
+            strength,
+            torch.device(device),
+            eta,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+            num_train_timesteps=self.config.num_train_timesteps,
+        )
         return _SAMPLERS[self.name].run_type(self.config, settings)
 
 

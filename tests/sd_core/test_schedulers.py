@@ -300,3 +300,84 @@ def test_stochastic_steps_need_one_generator_per_row():
     x = torch.zeros(3, 4, 8, 8)
     with pytest.raises(ValueError, match="one generator per batch row"):
         run.step(x, 0, x, generators(SEEDS[:1]))
+
+
+def diffusers_expert_slice(name, config, steps, denoising_start=None, denoising_end=None) -> Trajectory:
+    """diffusers' SDXL img2img get_timesteps with denoising_start, then its denoising_end truncation; the
+    input is taken as partly denoised latents when denoising_start is set (no noise added)."""
+    cls, kwargs = DIFFUSERS_EQUIVALENT[name]
+    scheduler = cls.from_config(config, **kwargs)
+    scheduler.set_timesteps(steps)
+    train = scheduler.config.num_train_timesteps
+    if denoising_start is None:
+        timesteps = scheduler.timesteps
+        begin = 0
+    else:
+        cutoff = int(round(train - denoising_start * train))
+        count = int((scheduler.timesteps < cutoff).sum().item())
+        begin = len(scheduler.timesteps) - count
+        timesteps = scheduler.timesteps[begin:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    if denoising_end is not None:
+        cutoff = int(round(train - denoising_end * train))
+        timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+    z0, noise = latents_and_noise()
+    x = z0
+    if denoising_start is None:
+        x = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(SEEDS)))
+    accepted = inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generators()} if "generator" in accepted else {}
+    latents = [x]
+    for t in timesteps:
+        x = scheduler.step(fake_unet(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs)[0]
+        latents.append(x)
+    return Trajectory(timesteps, latents)
+
+
+def our_expert_slice(name, config, steps, denoising_start=None, denoising_end=None) -> Trajectory:
+    run = make_scheduler(name, config).start(
+        steps, 1.0, denoising_start=denoising_start, denoising_end=denoising_end
+    )
+    z0, noise = latents_and_noise()
+    x = z0 if denoising_start is not None else run.add_noise(z0, noise)
+    latents, row_generators = [x], generators()
+    for i, t in enumerate(run.timesteps):
+        x = run.step(fake_unet(run.scale_model_input(x, i), t), i, x, row_generators)
+        latents.append(x)
+    return Trajectory(run.timesteps, latents)
+
+
+@pytest.mark.parametrize(
+    ("denoising_start", "denoising_end"), [(None, 0.8), (0.8, None), (0.3, 0.7), (None, 0.35), (0.55, None)]
+)
+@pytest.mark.parametrize("config_name", CONFIGS)
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_denoising_start_and_end_match_diffusers(name, config_name, denoising_start, denoising_end):
+    config = CONFIGS[config_name]
+    ours = our_expert_slice(name, config, 20, denoising_start, denoising_end)
+    max_difference(ours, diffusers_expert_slice(name, config, 20, denoising_start, denoising_end))
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_base_end_and_refiner_start_split_one_schedule(name):
+    """Base up to denoising_end=d and refiner from denoising_start=d run every step of the schedule once."""
+    scheduler = make_scheduler(name, SD1_PNDM_LEADING)
+    full = scheduler.start(25, 1.0).timesteps
+    base = scheduler.start(25, 1.0, denoising_end=0.8).timesteps
+    refiner = scheduler.start(25, 1.0, denoising_start=0.8).timesteps
+    assert torch.equal(torch.cat([base, refiner]), full)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"denoising_start": 1.0}, "strictly between 0 and 1"),
+        ({"denoising_end": 0.0}, "strictly between 0 and 1"),
+        ({"denoising_start": 0.6, "denoising_end": 0.4}, "must be below denoising_end"),
+        ({"denoising_start": 0.999}, "leave none of"),
+    ],
+)
+def test_bad_denoising_ranges_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler("euler", SD1_PNDM_LEADING).start(10, 1.0, **kwargs)
