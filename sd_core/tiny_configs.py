@@ -104,6 +104,7 @@ _XL_SCHEDULER = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "steps_offset": 1,
+    "clip_sample": False,
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
     "use_karras_sigmas": False,
