@@ -296,3 +296,47 @@ def test_float16_keeps_an_upcasting_vae_in_float32(xl_model_dirs, tmp_path):
     config_path = folder / "vae" / "config.json"
     config_path.write_text(config_path.read_text().replace('"force_upcast": true', '"force_upcast": false'))
     assert Img2ImgPipeline.from_pretrained(folder, dtype=torch.float16).vae_dtype == torch.float16
+
+
+@pytest.mark.parametrize(("strength", "steps"), [(0.9, 12), (0.2, 12), (1.0, 3)])
+def test_expert_ensemble_equals_the_two_calls(ours, strength, steps):
+    """ExpertEnsemble is the hand-off above in one call; where the strength starts below the switch the
+    refiner runs all of it, and where no step falls below it the base does."""
+    from sd_core.ensemble import ExpertEnsemble
+
+    base, refiner = ours["xl_base"], ours["xl_refiner"]
+    ensemble = ExpertEnsemble(base, refiner, 0.75)
+    ensemble.set_scheduler("dpmpp_2m")
+    images = make_images(2, seed=10)
+    common = dict(negative_prompts=NEGATIVES, seeds=[7, 8], guidance_scale=5.0, num_inference_steps=steps)
+    got = ensemble(images, PROMPTS, strength=strength, output_type="np", aesthetic_score=7.0,
+                   prompts_2=PROMPTS_2, **common)
+    base_steps, refiner_steps = ensemble.split_steps(steps, strength)
+    if base_steps and refiner_steps:
+        latents = base(images, PROMPTS, strength=strength, denoising_end=0.75, output_type="latent",
+                       prompts_2=PROMPTS_2, **common)
+        expected = refiner(latents, PROMPTS, denoising_start=0.75, output_type="np", aesthetic_score=7.0,
+                           **common)
+    elif refiner_steps:
+        expected = refiner(images, PROMPTS, strength=strength, output_type="np", aesthetic_score=7.0,
+                           **common)
+    else:
+        expected = base(images, PROMPTS, strength=strength, output_type="np", prompts_2=PROMPTS_2, **common)
+    assert np.abs(got - expected).max() == 0
+    assert ensemble.last_call.steps_run == base_steps + refiner_steps
+    assert (base_steps > 0, refiner_steps > 0) == {0.9: (True, True), 0.2: (False, True), 1.0: (True, False)}[
+        strength
+    ]
+
+
+def test_expert_ensemble_refuses_what_neither_model_takes(ours, model_dirs):
+    from sd_core.ensemble import ExpertEnsemble
+
+    base_twice = ExpertEnsemble(ours["xl_base"], ours["xl_base"], 0.8)  # a base may refine itself
+    with pytest.raises(ValueError, match="aesthetic_score applies to neither model"):
+        base_twice(make_images(1), "a", num_inference_steps=4, aesthetic_score=6.0)
+    with pytest.raises(ValueError, match="denoising_end is the ensemble's own"):
+        base_twice(make_images(1), "a", num_inference_steps=4, denoising_end=0.5)
+    sd1 = Img2ImgPipeline.from_pretrained(model_dirs["v1"])
+    with pytest.raises(ValueError, match="reads latents other than the base's"):
+        ExpertEnsemble(ours["xl_base"], sd1, 0.8)
