@@ -7,6 +7,7 @@ unless the caller opts in; then they are read with `torch.load(weights_only=True
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,24 +158,35 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: Path | None
     """A CompVis/SGM checkpoint. Configs come from, in order: `config` (a diffusers folder), the configs
     sdbatch embeds when exporting, or the bundled standard configs of the detected family."""
     state = read_weights(path, allow_pickle)
+    return single_file_parts(state, str(path), _safetensors_metadata(path), config)
+
+
+def single_file_parts(
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    metadata: Mapping[str, str] | None = None,
+    config: Path | None = None,
+) -> ModelParts:
+    """`load_single_file` once the file is read: `state` is its CompVis/SGM state dict (its tensors may be
+    on the meta device), `metadata` its safetensors metadata."""
     family = family_named(detect_family({k: tuple(v.shape) for k, v in state.items()}))
     if config is not None:
         folder_family, configs = read_folder_configs(config)
         if folder_family != family:
             raise ValueError(
-                f"config folder {config} is a {folder_family.label} model but {path} is {family.label}; "
+                f"config folder {config} is a {folder_family.label} model but {source} is {family.label}; "
                 "give the config folder of this checkpoint's family"
             )
         tokenizers = _folder_tokenizers(config, family)
         flags = _pipeline_flags(family, _model_index(config))
     else:
-        configs = single_file_configs(family.name, _safetensors_metadata(path))
+        configs = single_file_configs(family.name, metadata or {})
         tokenizers = {t.tokenizer: _bundled_tokenizer(configs.get(t.tokenizer, {})) for t in family.towers}
         flags = _pipeline_flags(family, configs.get("pipeline", {}))
     configs = {k: configs[k] for k in ("unet", "vae", "scheduler", *(t.component for t in family.towers))}
     configs["scheduler"] = patch_scheduler_config(configs["scheduler"])
     weights = split_single_file(state, family, configs)
-    parts = ModelParts(family, configs, weights, tokenizers, str(path), flags)
+    parts = ModelParts(family, configs, weights, tokenizers, source, flags)
     check_text_time(parts)
     return parts
 

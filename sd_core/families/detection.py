@@ -44,6 +44,7 @@ def detect_family(shapes: Shapes) -> str:
     for prefix, what in _UNSUPPORTED_MARKERS.items():
         if any(key.startswith(prefix) for key in shapes):
             raise ValueError(f"checkpoint is {what}; {SUPPORTED}")
+    _check_is_unet(shapes)
     family = _family_by_towers(shapes)
     _check_unet(shapes, family)
     _check_widths(shapes, family)
@@ -69,7 +70,8 @@ def _tower_prefixes(family: ModelFamily) -> tuple[str, ...]:
     return tuple(tower.checkpoint_prefix for tower in family.towers)
 
 
-def _check_unet(shapes: Shapes, family: ModelFamily) -> None:
+def _check_is_unet(shapes: Shapes) -> None:
+    """Before the towers are looked for: a DiT file (SD3, Flux) keeps its text encoders elsewhere."""
     if not any(key.startswith(UNET_PREFIX) for key in shapes):
         top = sorted({key.split(".")[0] for key in shapes})
         raise ValueError(f"no UNet keys ({UNET_PREFIX}*); top-level names in the file: {top}; {SUPPORTED}")
@@ -79,6 +81,9 @@ def _check_unet(shapes: Shapes, family: ModelFamily) -> None:
             f"{UNET_PREFIX}* holds no {_UNET_CONV_IN}, so it is not a UNet "
             f"(e.g. a DiT such as SD3 or Flux); found {examples}; {SUPPORTED}"
         )
+
+
+def _check_unet(shapes: Shapes, family: ModelFamily) -> None:
     in_channels = shapes[_UNET_CONV_IN][1]
     if in_channels != 4:
         variant = _INPUT_CHANNEL_VARIANTS.get(in_channels, "an unknown variant")
@@ -114,15 +119,14 @@ def _check_widths(shapes: Shapes, family: ModelFamily) -> None:
         )
     if family.time_ids is None:
         return
-    pooled = family.pooled_tower
-    pooled_width = _first_shape(shapes, pooled.checkpoint_prefix, "text_projection")[-1]
-    time_dim = bundled_config(family.name)["unet"]["addition_time_embed_dim"]
-    expected = pooled_width + family.time_ids.width * time_dim
-    if shapes[ADDED_EMBEDDING][1] != expected:
+    pooled_width = _first_shape(shapes, family.pooled_tower.checkpoint_prefix, "text_projection")[-1]
+    # the time-embedding width of each value (256 in SDXL) is no weight's shape, so only divisibility shows
+    added_width, values = shapes[ADDED_EMBEDDING][1], family.time_ids.width
+    if added_width <= pooled_width or (added_width - pooled_width) % values:
         raise ValueError(
-            f"contradictory checkpoint: {family.label}'s added embedding reads {expected} values (pooled "
-            f"text {pooled_width} + {family.time_ids.width} micro-conditioning values x {time_dim}) but "
-            f"{ADDED_EMBEDDING} takes {shapes[ADDED_EMBEDDING][1]}; {SUPPORTED}"
+            f"contradictory checkpoint: {family.label}'s added embedding reads the pooled text "
+            f"({pooled_width}) + {values} micro-conditioning values x a time-embedding width, but "
+            f"{ADDED_EMBEDDING} takes {added_width}; {SUPPORTED}"
         )
 
 
