@@ -44,6 +44,7 @@ class ColumnRule:
         return f"longer than {self.max_length} characters{got}; {clip}"
 
 
+_SCORE = "a finite number in [0, 10] (the LAION aesthetic scale)"
 COLUMN_RULES = (
     ColumnRule("id", "string", required=True),
     ColumnRule("image", "image", required=True),
@@ -57,6 +58,27 @@ COLUMN_RULES = (
     ColumnRule("width", "int", low=64, high=4096, multiple_of=8, expected="a multiple of 8 in 64..4096"),
     ColumnRule("height", "int", low=64, high=4096, multiple_of=8, expected="a multiple of 8 in 64..4096"),
     ColumnRule("resize_mode", "string", choices=RESIZE_MODES, expected=f"one of {', '.join(RESIZE_MODES)}"),
+    ColumnRule("guidance_rescale", "float", low=0.0, high=1.0, expected="a finite number in [0, 1]"),
+    # SDXL: the second text encoder's prompts, and the micro-conditioning (sizes in pixels)
+    ColumnRule("prompt_2", "string", max_length=PROMPT_MAX_LENGTH),
+    ColumnRule("negative_prompt_2", "string", max_length=PROMPT_MAX_LENGTH),
+    ColumnRule("aesthetic_score", "float", low=0.0, high=10.0, expected=_SCORE),
+    ColumnRule("negative_aesthetic_score", "float", low=0.0, high=10.0, expected=_SCORE),
+    ColumnRule("original_width", "int", low=1, high=65536, expected="an integer in 1..65536"),
+    ColumnRule("original_height", "int", low=1, high=65536, expected="an integer in 1..65536"),
+    ColumnRule("crop_top", "int", low=0, high=65536, expected="an integer in 0..65536"),
+    ColumnRule("crop_left", "int", low=0, high=65536, expected="an integer in 0..65536"),
+)
+# Columns only SDXL models read; a run of another family refuses a manifest that sets them.
+SDXL_COLUMNS = (
+    "prompt_2",
+    "negative_prompt_2",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
 )
 KNOWN_COLUMNS = tuple(rule.name for rule in COLUMN_RULES)
 

@@ -31,6 +31,15 @@ T = TypeVar("T")
 Problem = tuple[str, str]  # (dotted key path, what is wrong and how to fix it)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+PROMPT_SYNTAXES = ("plain", "a1111")  # sd_core.text_encoder's
+SDXL_NUMBERS = (  # per-row defaults only SDXL reads, checked by their manifest column rules
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cpu", "cuda")
@@ -212,6 +221,23 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class RefinerConfig(_Checked):
+    """SDXL's refiner: it takes over the schedule at `switch_at` (the fraction of the steps the base runs,
+    diffusers' denoising_end/denoising_start), in the same actor, on the same sampler and step count."""
+
+    path: str  # local path or URI of the refiner: a diffusers folder or a single .safetensors checkpoint
+    switch_at: float = 0.8
+    config: str | None = None  # diffusers folder whose configs a single-file refiner should use
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)  # the refiner's own
+
+    def _problems(self) -> Iterator[Problem]:
+        yield from _not_empty("path", self.path)
+        if not 0.0 < self.switch_at < 1.0:
+            share = "the base's share of the schedule"
+            yield "switch_at", f"must lie strictly between 0 and 1 ({share}), got {self.switch_at!r}"
+
+
+@dataclass(frozen=True)
 class RowDefaults(_Checked):
     """Per-row values used where the manifest lacks the column or the row holds null."""
 
@@ -227,15 +253,32 @@ class RowDefaults(_Checked):
     eta: float = 0.0  # DDIM-family noise; 0 = deterministic
     output_format: str = "png"  # one of OUTPUT_FORMATS
     quality: int = 95  # jpeg/webp encoder quality
+    guidance_rescale: float = 0.0  # Lin et al.'s CFG rescale (diffusers' guidance_rescale); 0 = off
+    prompt_syntax: str = "plain"  # PROMPT_SYNTAXES: diffusers' plain prompts or A1111's weights and chunks
+    # SDXL only (a run of another family refuses them): the second text encoder's prompts (None: the
+    # first's), the refiner's aesthetic scores (None: 6.0 / 2.5), the micro-conditioning's original size
+    # (None: the output's size) and crop (None: 0, 0), in pixels
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
 
     def _problems(self) -> Iterator[Problem]:
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
             yield from _length(name, getattr(self, name))
         for name in ("strength", "guidance_scale", "num_inference_steps", "num_images", "resize_mode"):
             yield from _rule(name, getattr(self, name))
-        for name in ("width", "height"):
+        yield from _rule("guidance_rescale", self.guidance_rescale)
+        for name in ("width", "height", *SDXL_NUMBERS):
             if getattr(self, name) is not None:
                 yield from _rule(name, getattr(self, name))
+        yield from _choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
+        if (self.original_width is None) != (self.original_height is None):
+            yield "original_width", "original_width and original_height go together: set both or neither"
         yield from _bounds("eta", self.eta, low=0.0, high=1.0)
         yield from _choice("output_format", self.output_format, OUTPUT_FORMATS)
         yield from _bounds("quality", self.quality, low=1, high=100)
@@ -412,7 +455,16 @@ def _template_problems(template: str) -> Iterator[str]:
     yield from _length("prompt", template)
 
 
-_OUTPUT_SHAPING = ("model", "adapters", "defaults", "seed", "augment")  # what fingerprint() covers
+_OUTPUT_SHAPING = ("model", "refiner", "adapters", "defaults", "seed", "augment")  # what fingerprint() covers
+# Settings added after outputs were written without them: left out of the fingerprint while they hold
+# these values, so those outputs keep theirs (and resume).
+_LATER_DEFAULTS = {
+    "defaults": {
+        "guidance_rescale": 0.0,
+        "prompt_syntax": "plain",
+        **dict.fromkeys(("prompt_2", "negative_prompt_2", *SDXL_NUMBERS)),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -427,6 +479,7 @@ class RunConfig(_Checked):
     storage: StorageConfig = field(default_factory=StorageConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)  # which rows may run: not fingerprinted
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # `sdbatch augment` runs only
+    refiner: RefinerConfig | None = None  # SDXL: a refiner taking over the last part of the schedule
     seed: int = 0  # run seed; a row without a seed column value derives its own from this and its id
     max_error_rate: float = 0.01  # exit code 0 only when failed rows / rows <= this
     retry_errors: bool = False  # rerun rows that a previous run recorded as failed
@@ -454,6 +507,12 @@ class RunConfig(_Checked):
         del shaping["model"]["compile"]
         if not self.augment.enabled:  # so outputs written before augmentation existed keep their print
             del shaping["augment"]
+        if self.refiner is None:
+            del shaping["refiner"]
+        for section, later in _LATER_DEFAULTS.items():
+            for name, value in later.items():
+                if shaping[section][name] == value:
+                    del shaping[section][name]
         text = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -75,6 +75,7 @@ def build_pass(
             "sink": sink,
             "output_format": config.defaults.output_format,
             "quality": config.defaults.quality,
+            "prompt_syntax": config.defaults.prompt_syntax,
         },
     )
 
@@ -92,6 +93,7 @@ def _denoise(data: Any, ray_data: Any, config: RunConfig, settings: PassSettings
             config.defaults.eta,
             core_clip_skip(config.model.clip_skip),
             settings.registry,
+            config.defaults.prompt_syntax,
         ),
         compute=ray_data.ActorPoolStrategy(
             min_size=compute.actors_min,

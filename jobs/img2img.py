@@ -258,14 +258,18 @@ def _run_info(
     return info
 
 
+_MODEL_RECORD = ("family", "model_sha256", "adapters", "refiner_sha256", "refiner_adapters")
+
+
 def _model_hashes(plan: RunPlan) -> dict[str, Any]:
-    """The model and adapter hashes the actors recorded (from the first committed metadata part)."""
+    """The model family and the model, refiner and adapter hashes the actors recorded (from the first
+    committed metadata part; parts written before the refiner existed lack those columns)."""
     sink = OutputSink(plan.storage, plan.config.output)
     parts = sink.metadata_parts()
     if not parts:
         return {}
-    row = sink.read_part_tables(parts[:1], ["model_sha256", "adapters"])[0].slice(0, 1).to_pylist()
-    return {"model_sha256": row[0]["model_sha256"], "adapters": row[0]["adapters"]} if row else {}
+    row = sink.read_part_tables(parts[:1], None)[0].slice(0, 1).to_pylist()
+    return {name: row[0][name] for name in _MODEL_RECORD if name in row[0]} if row else {}
 
 
 def _summary(

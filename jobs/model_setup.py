@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors.storage import Storage
-from jobs.config import RunConfig
+from jobs.config import AdaptersConfig, RunConfig
 from jobs.model_cache import cached_sha256, local_copy
 
 log = logging.getLogger("sdbatch")
@@ -36,15 +36,15 @@ def resolve_dtype(name: str | None, device: str):
 
 @dataclass
 class PipelineFactory:
-    """Picklable recipe the actor calls once: returns (pipeline, model_info)."""
+    """Picklable recipe the actor calls once: returns (pipeline, model_info). With a `refiner` section
+    the pipeline is an ExpertEnsemble of the base and the refiner, both pinned and warmed up."""
 
     config: RunConfig
 
-    def __call__(self) -> tuple[Any, dict[str, str]]:
+    def __call__(self) -> tuple[Any, dict[str, Any]]:
         import torch
 
         from jobs.stages import adapters_json
-        from sd_core import Img2ImgPipeline
 
         config = self.config
         storage = Storage(config.storage.to_options(config.retry))
@@ -53,36 +53,61 @@ class PipelineFactory:
             torch.set_num_threads(max(1, int(config.compute.cpus_per_actor)))
         model = config.model
         model_path = local_copy(model.path, storage)
+        base = self._load(model_path, model.config, config.adapters, storage, device)
+        info: dict[str, Any] = {
+            "family": base.family.name,
+            "model_sha256": cached_sha256(model_path),
+            "adapters": adapters_json(base.adapters),
+            "refiner_sha256": None,
+            "refiner_adapters": None,
+            "refiner_switch_at": None,
+            "device": device,
+        }
+        pipe, stages = base, [base]
+        if config.refiner is not None:
+            from sd_core.ensemble import ExpertEnsemble
+
+            section = config.refiner
+            refiner_path = local_copy(section.path, storage)
+            refiner = self._load(refiner_path, section.config, section.adapters, storage, device)
+            pipe, stages = ExpertEnsemble(base, refiner, config.refiner.switch_at), [base, refiner]
+            info.update(
+                refiner_sha256=cached_sha256(refiner_path),
+                refiner_adapters=adapters_json(refiner.adapters),
+                refiner_switch_at=config.refiner.switch_at,
+            )
+        for stage in stages:
+            if model.compile:
+                stage.compile_unet()
+            _warm_up(stage, config)
+        info["scheduler"] = pipe.scheduler.name
+        return pipe, info
+
+    def _load(
+        self, path: str, config_uri: str | None, adapters: AdaptersConfig, storage: Storage, device: str
+    ) -> Any:
+        """One model loaded with its adapters fused and its embeddings added."""
+        from sd_core import Img2ImgPipeline
+
+        model = self.config.model
         pipe = Img2ImgPipeline.from_pretrained(
-            model_path,
+            path,
             device=device,
             dtype=resolve_dtype(model.dtype, device),
             scheduler=model.scheduler,
             vae_dtype=resolve_dtype(model.vae_dtype, device),
             prediction_type=model.prediction_type,
             allow_pickle=model.allow_pickle,
-            config=local_copy(model.config, storage) if model.config else None,
+            config=local_copy(config_uri, storage) if config_uri else None,
         )
-        loras = [
-            (local_copy(lora.path, storage), lora.scale, lora.text_encoder_scale)
-            for lora in config.adapters.loras
-        ]
+        loras = [(local_copy(a.path, storage), a.scale, a.text_encoder_scale) for a in adapters.loras]
         if loras:
             pipe.load_loras(loras, allow_pickle=model.allow_pickle)
-        for embedding in config.adapters.embeddings:
+        for embedding in adapters.embeddings:
             pipe.load_textual_inversion(
                 local_copy(embedding.path, storage), token=embedding.token, allow_pickle=model.allow_pickle
             )
-        if model.compile:
-            pipe.compile_unet()
-        _warm_up(pipe, config)
-        info = {
-            "model_sha256": cached_sha256(model_path),
-            "adapters_json": adapters_json(pipe.adapters),
-            "scheduler": pipe.scheduler.name,
-            "device": device,
-        }
-        return pipe, info
+        return pipe
 
 
 def core_clip_skip(clip_skip: int) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +25,10 @@ from connectors.manifest import (
 from connectors.output import OutputSink, key_strings, table_keys
 from connectors.storage import Storage
 from connectors.uri_policy import check_allowed
-from jobs.config import RunConfig
+from jobs.config import AdaptersConfig, RunConfig
+from jobs.model_memory import weight_memory_lines
 from jobs.rows import variant_count
+from sd_core.families import FAMILIES
 
 SAMPLE_IMAGES = 16  # input images checked for existence up front
 KEY_BATCH_ROWS = 16384  # manifest rows turned into keys at a time
@@ -69,6 +72,13 @@ class RunPlan:
             f"{config.compute.actors_max}, {config.compute.gpus_per_actor} GPU / "
             f"{config.compute.cpus_per_actor} CPU per actor",
         ]
+        if config.refiner is not None:
+            refiner = config.refiner
+            lines.insert(
+                3,
+                f"refiner   {refiner.path}: takes over at switch_at {refiner.switch_at} of the schedule; "
+                f"{len(refiner.adapters.loras)} LoRA, {len(refiner.adapters.embeddings)} embeddings",
+            )
         if config.augment.enabled:
             lines.append(_augment_line(config))
         lines.extend(self.checks)
@@ -124,7 +134,7 @@ def _make_plan(config: RunConfig) -> RunPlan:
     _check_inputs_exist(config, storage)
     from jobs.preflight import check_model_and_adapters  # here: preflight imports PlanError from this module
 
-    checks = check_model_and_adapters(config, storage)
+    models = check_model_and_adapters(config, storage)
     fs, _ = storage.filesystem(config.manifest)
     try:
         supplied = ("prompt",) if config.augment.enabled and config.augment.prompts else ()
@@ -133,6 +143,10 @@ def _make_plan(config: RunConfig) -> RunPlan:
     except ValueError as error:
         raise PlanError(str(error)) from error
     _check_template_columns(config, manifest)
+    families = [layout.family for layout in models.layouts.values() if layout.family is not None]
+    if len(families) == len(models.layouts):  # a pickled file without its configs: the actors will say
+        check_family_settings(config, manifest, families)
+    checks = models.lines + weight_memory_lines(config, models.layouts)
     sink = OutputSink(storage, config.output)
     _check_same_configuration(config, sink)
     expected = expected_keys(manifest, config.defaults.num_images, config.augment.variants or None)
@@ -140,6 +154,60 @@ def _make_plan(config: RunConfig) -> RunPlan:
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
     missing = _sample_missing_images(manifest, storage, config.inputs.allowed_roots)
     return RunPlan(config, storage, manifest, summary, expected, done, missing, checks)
+
+
+# SDXL settings (manifest columns and run defaults of the same names) -> the core argument they feed
+SDXL_SETTINGS = {
+    "prompt_2": "prompts_2",
+    "negative_prompt_2": "negative_prompts_2",
+    "aesthetic_score": "aesthetic_score",
+    "negative_aesthetic_score": "negative_aesthetic_score",
+    "original_width": "original_size",
+    "original_height": "original_size",
+    "crop_top": "crops_coords_top_left",
+    "crop_left": "crops_coords_top_left",
+}
+
+
+def check_family_settings(config: RunConfig, manifest: Manifest, families: Sequence[Any]) -> None:
+    """Refuse SDXL settings that none of the run's models reads (the base's and the refiner's families
+    say which): a run never ignores a value it was given. Columns are refused only where a row sets a
+    value, so one manifest can serve SD 1.x and SDXL runs when the SDXL columns are empty."""
+    takes = {name for family in families for name in family.call_options}
+    labels = " and ".join(f"{family.label} ({family.name})" for family in families)
+    names = manifest.dataset.schema.names
+    problems = []
+    for setting, argument in SDXL_SETTINGS.items():
+        if argument in takes:
+            continue
+        if getattr(config.defaults, setting) is not None:
+            problems.append(f"  - defaults.{setting} is set ({getattr(config.defaults, setting)!r})")
+        if setting in names:
+            rows = _rows_with_values(manifest, setting)
+            if rows:
+                problems.append(f"  - manifest column {setting!r} has values in {rows} rows")
+    if problems:
+        readers = {arg: sorted(f.label for f in FAMILIES.values() if arg in f.call_options)
+                   for arg in SDXL_SETTINGS.values()}
+        hint = "; ".join(f"{s} is read by {' and '.join(readers[a])}" for s, a in SDXL_SETTINGS.items()
+                         if a not in takes and any(s in p for p in problems))
+        raise PlanError(
+            f"these settings do not apply to the run's model ({labels}), and a run never ignores a value:\n"
+            + "\n".join(problems)
+            + f"\n({hint}.) Remove them, or run a model that reads them."
+        )
+
+
+def _rows_with_values(manifest: Manifest, column: str) -> int:
+    """How many rows hold a value (not null, not an empty string) in `column`."""
+    count = 0
+    for batch in manifest.dataset.to_batches(columns=[column], batch_size=KEY_BATCH_ROWS):
+        values = batch.column(0)
+        set_values = pc.invert(pc.is_null(values))
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            set_values = pc.and_(set_values, pc.not_equal(values, ""))
+        count += pc.sum(set_values.cast(pa.int64())).as_py() or 0
+    return count
 
 
 def expected_keys(manifest: Manifest, default_num_images: int, variants: int | None = None) -> pa.Array:
@@ -208,12 +276,21 @@ def _check_inputs_exist(config: RunConfig, storage: Storage) -> None:
     paths = [("model.path", config.model.path)]
     if config.model.config:
         paths.append(("model.config", config.model.config))
-    paths += [(f"adapters.loras[{i}].path", a.path) for i, a in enumerate(config.adapters.loras)]
-    paths += [(f"adapters.embeddings[{i}].path", a.path) for i, a in enumerate(config.adapters.embeddings)]
+    paths += _adapter_paths("adapters", config.adapters)
+    if config.refiner is not None:
+        paths.append(("refiner.path", config.refiner.path))
+        if config.refiner.config:
+            paths.append(("refiner.config", config.refiner.config))
+        paths += _adapter_paths("refiner.adapters", config.refiner.adapters)
     missing = [f"  - {key}: {path}" for key, path in paths if not storage.exists(path)]
     if missing:
         listing = "\n".join(missing)
         raise PlanError(f"these inputs do not exist; fix the paths in the config or flags:\n{listing}")
+
+
+def _adapter_paths(section: str, adapters: AdaptersConfig) -> list[tuple[str, str]]:
+    paths = [(f"{section}.loras[{i}].path", lora.path) for i, lora in enumerate(adapters.loras)]
+    return paths + [(f"{section}.embeddings[{i}].path", e.path) for i, e in enumerate(adapters.embeddings)]
 
 
 def _check_same_configuration(config: RunConfig, sink: OutputSink) -> None:

@@ -21,6 +21,14 @@ from jobs.augment_policy import TemplateError, realise
 from jobs.config import AugmentConfig, RowDefaults
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
+_SDXL_NUMBERS = (
+    ("aesthetic_score", float),
+    ("negative_aesthetic_score", float),
+    ("original_width", int),
+    ("original_height", int),
+    ("crop_top", int),
+    ("crop_left", int),
+)
 _SEED_MAX = 2**63 - 1
 
 STATUS_COLUMNS = ("error_stage", "error_type", "error_message", "attempts", "retryable")
@@ -39,6 +47,15 @@ WORK_SCHEMA = pa.schema(
         ("width", pa.int64()),  # requested size, null = the input's size rounded to a multiple of 8
         ("height", pa.int64()),
         ("resize_mode", pa.string()),
+        ("guidance_rescale", pa.float64()),
+        ("prompt_2", pa.string()),  # SDXL (null: not given)
+        ("negative_prompt_2", pa.string()),
+        ("aesthetic_score", pa.float64()),
+        ("negative_aesthetic_score", pa.float64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("crop_top", pa.int64()),
+        ("crop_left", pa.int64()),
         ("error_stage", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
@@ -157,12 +174,19 @@ def _work_item(
         "width": _number(_value(row, "width", defaults.width), int),
         "height": _number(_value(row, "height", defaults.height), int),
         "resize_mode": _value(row, "resize_mode", defaults.resize_mode),
+        "guidance_rescale": _number(_value(row, "guidance_rescale", defaults.guidance_rescale), float),
+        "prompt_2": _value(row, "prompt_2", defaults.prompt_2),
+        "negative_prompt_2": _value(row, "negative_prompt_2", defaults.negative_prompt_2),
+        **{name: _number(_value(row, name, getattr(defaults, name)), kind) for name, kind in _SDXL_NUMBERS},
         "error_stage": None,
         "error_type": None,
         "error_message": problem,
         "attempts": 0,
         "retryable": False,
     }
+    if problem is None and (item["original_width"] is None) != (item["original_height"] is None):
+        given = "original_width" if item["original_height"] is None else "original_height"
+        problem = f"column {given!r} is set but its partner is not: give original_width and original_height"
     if problem is None:
         try:
             if isinstance(image, str):

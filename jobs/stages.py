@@ -173,6 +173,7 @@ class Denoiser:
         eta: float,
         clip_skip: int,
         registry: Any = None,
+        prompt_syntax: str = "plain",
     ):
         if registry is not None:  # the driver releases this actor (and its GPU) when the pass ends
             import ray
@@ -183,6 +184,7 @@ class Denoiser:
         self.batch_size = batch_size
         self.eta = eta
         self.clip_skip = clip_skip
+        self.prompt_syntax = prompt_syntax
         self.start_s = time.perf_counter() - started
         self.actor_id = _actor_id()
         self._timesteps: dict[tuple[int, float], int] = {}
@@ -221,7 +223,7 @@ class Denoiser:
         images = self.pipe(
             tensor,
             [r["prompt"] for r in chosen],
-            negative_prompts=[r["negative_prompt"] or "" for r in chosen],
+            negative_prompts=[r["negative_prompt"] or None for r in chosen],  # "": none (SDXL: zeros)
             strength=first["strength"],
             guidance_scale=[r["guidance_scale"] for r in chosen],
             num_inference_steps=first["num_inference_steps"],
@@ -229,23 +231,28 @@ class Denoiser:
             eta=self.eta,
             clip_skip=self.clip_skip,
             output_type="np",
+            guidance_rescale=[r["guidance_rescale"] for r in chosen],
+            prompt_syntax=self.prompt_syntax,
+            **family_options(chosen),
         )
         elapsed_ms = (time.perf_counter() - started) * 1000 / len(chosen)
+        report = self.pipe.last_call
         steps = first["num_inference_steps"]
-        steps_run = min(int(steps * first["strength"]), steps)
         start_timestep = self._start_timestep(steps, first["strength"])
-        encoded = getattr(self.pipe, "last_encoded_images", len(chosen))
+        steps_run = min(int(steps * first["strength"]), steps)  # img2img's count (base and refiner)
+        realised = realised_values(report.micro_conditioning, len(chosen))
         for position, (row, image) in enumerate(zip(chosen, to_uint8(np.asarray(images)), strict=True)):
+            row.update(realised[position])
             row.update(
                 pixels=image.tobytes(),
                 denoise_ms=elapsed_ms,
                 core_batch_rows=len(chosen),
-                core_encoded_images=encoded if position == 0 else 0,  # the call's count, on its first row
+                # the call's count, on its first row
+                core_encoded_images=report.encoded_images if position == 0 else 0,
                 steps_run=steps_run,
                 start_timestep=start_timestep,
-                scheduler=self.model_info["scheduler"],
-                model_sha256=self.model_info["model_sha256"],
-                adapters=self.model_info["adapters_json"],
+                prompt_truncated=report.truncated_prompts[position],
+                **{name: self.model_info[name] for name, _ in _MODEL_COLUMNS},
             )
 
     def _start_timestep(self, steps: int, strength: float) -> int:
@@ -256,6 +263,16 @@ class Denoiser:
         return self._timesteps[key]
 
 
+# What the actor records of its models on every row (jobs.model_setup's model_info keys).
+_MODEL_COLUMNS = (
+    ("family", pa.string()),
+    ("scheduler", pa.string()),
+    ("model_sha256", pa.string()),
+    ("adapters", pa.string()),
+    ("refiner_sha256", pa.string()),
+    ("refiner_adapters", pa.string()),
+    ("refiner_switch_at", pa.float64()),
+)
 _DENOISE_COLUMNS = (
     ("pixels", pa.binary()),
     ("denoise_ms", pa.float64()),
@@ -263,12 +280,47 @@ _DENOISE_COLUMNS = (
     ("core_encoded_images", pa.int64()),
     ("steps_run", pa.int64()),
     ("start_timestep", pa.int64()),
-    ("scheduler", pa.string()),
-    ("model_sha256", pa.string()),
-    ("adapters", pa.string()),
+    ("prompt_truncated", pa.bool_()),
+    *_MODEL_COLUMNS,
     ("actor_id", pa.string()),
     ("actor_start_s", pa.float64()),
 )
+# SDXL keyword argument of the core -> the work columns holding its per-row value
+_PAIRS = {
+    "original_size": ("original_height", "original_width"),
+    "crops_coords_top_left": ("crop_top", "crop_left"),
+}
+_TEXTS = {"prompts_2": "prompt_2", "negative_prompts_2": "negative_prompt_2"}
+_SCORES = ("aesthetic_score", "negative_aesthetic_score")
+
+
+def family_options(rows: Sequence[dict]) -> dict[str, list]:
+    """The SDXL arguments of one core call, a value per row (None: the core's default), for the ones
+    any row sets; a row's empty second prompt means none (the first prompt is used)."""
+    options: dict[str, list] = {}
+    for argument, column in _TEXTS.items():
+        options[argument] = [row[column] or None for row in rows]
+    for argument in _SCORES:
+        options[argument] = [row[argument] for row in rows]
+    for argument, (first, second) in _PAIRS.items():
+        options[argument] = [
+            None if row[first] is None and row[second] is None else (row[first] or 0, row[second] or 0)
+            for row in rows
+        ]
+    return {name: values for name, values in options.items() if any(v is not None for v in values)}
+
+
+def realised_values(micro_conditioning: dict[str, list], rows: int) -> list[dict[str, Any]]:
+    """Per row, the micro-conditioning values the core used (defaults filled in) as work columns."""
+    realised: list[dict[str, Any]] = [{} for _ in range(rows)]
+    for argument, values in micro_conditioning.items():
+        if argument in _PAIRS:
+            for row, pair in zip(realised, values, strict=True):
+                row.update(zip(_PAIRS[argument], pair, strict=True))
+        elif argument in _SCORES:
+            for row, value in zip(realised, values, strict=True):
+                row[argument] = value
+    return realised
 
 
 def _actor_id() -> str:
@@ -305,6 +357,21 @@ METADATA_FIXED = (
     "elapsed_ms",
     "actor_id",
     "sdbatch_version",
+    "family",
+    "guidance_rescale",
+    "prompt_syntax",
+    "prompt_truncated",
+    "prompt_2",
+    "negative_prompt_2",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+    "refiner_sha256",
+    "refiner_adapters",
+    "refiner_switch_at",
 )
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -323,7 +390,9 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def write_stage(table: pa.Table, sink: OutputSink, output_format: str, quality: int) -> pa.Table:
+def write_stage(
+    table: pa.Table, sink: OutputSink, output_format: str, quality: int, prompt_syntax: str = "plain"
+) -> pa.Table:
     """Encode and write each ok row's image, then publish the batch's metadata and errors parts.
 
     Images go first and the metadata part last, so a committed row's image always exists. Returns one
@@ -338,7 +407,7 @@ def write_stage(table: pa.Table, sink: OutputSink, output_format: str, quality: 
         if row["error_type"] is None:
             try:
                 uri = _write_image(row, sink, output_format, quality)
-                metadata_rows.append(_metadata_row(row, uri, extras, version))
+                metadata_rows.append(_metadata_row(row, uri, extras, version, prompt_syntax))
             except Exception as error:  # noqa: BLE001
                 mark_error(row, "write", error)
         summaries.append(_summary(row))
@@ -355,6 +424,17 @@ def write_stage(table: pa.Table, sink: OutputSink, output_format: str, quality: 
     )
 
 
+# Work columns the metadata records as realised: the values given, with the defaults the core filled in
+_SDXL_RECORDED = (
+    "prompt_2",
+    "negative_prompt_2",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "original_width",
+    "original_height",
+    "crop_top",
+    "crop_left",
+)
 _NOT_EXTRA = (
     frozenset(WORK_COLUMNS) | set(PIXEL_COLUMNS) | {name for name, _ in _DENOISE_COLUMNS} | {"decode_ms"}
 )
@@ -374,13 +454,23 @@ def _write_image(row: dict, sink: OutputSink, output_format: str, quality: int) 
         height=height,
         denoising_strength=row["strength"],
         model_hash=(row["model_sha256"] or "")[:10] or None,
+        extra=_refiner_infotext(row),
     )
     data = encode_image(image, output_format, quality, parameters)
     ext = "jpg" if output_format == "jpeg" else output_format
     return sink.write_image(row["id"], row["variant"], data, ext)
 
 
-def _metadata_row(row: dict, uri: str, extras: Sequence[str], version: str) -> dict[str, Any]:
+def _refiner_infotext(row: dict) -> dict[str, object]:
+    """A1111's refiner fields (it writes the refiner checkpoint's name and hash, and the switch point)."""
+    if row.get("refiner_sha256") is None:
+        return {}
+    return {"Refiner": row["refiner_sha256"][:10], "Refiner switch at": row["refiner_switch_at"]}
+
+
+def _metadata_row(
+    row: dict, uri: str, extras: Sequence[str], version: str, prompt_syntax: str
+) -> dict[str, Any]:
     values = {
         "id": row["id"],
         "variant": row["variant"],
@@ -403,6 +493,11 @@ def _metadata_row(row: dict, uri: str, extras: Sequence[str], version: str) -> d
         "elapsed_ms": (row.get("decode_ms") or 0.0) + (row.get("denoise_ms") or 0.0),
         "actor_id": row["actor_id"],
         "sdbatch_version": version,
+        "guidance_rescale": row["guidance_rescale"],
+        "prompt_syntax": prompt_syntax,
+        "prompt_truncated": row["prompt_truncated"],
+        **{name: row[name] for name, _ in _MODEL_COLUMNS},
+        **{name: row[name] for name in _SDXL_RECORDED},
     }
     values.update({name: row[name] for name in extras})
     return values
@@ -421,6 +516,15 @@ def _metadata_schema(inferred: pa.Schema, work: pa.Schema) -> pa.Schema:
         "width": pa.int64(),
         "height": pa.int64(),
         "elapsed_ms": pa.float64(),
+        "guidance_rescale": pa.float64(),
+        "prompt_truncated": pa.bool_(),
+        "aesthetic_score": pa.float64(),
+        "negative_aesthetic_score": pa.float64(),
+        "original_width": pa.int64(),
+        "original_height": pa.int64(),
+        "crop_top": pa.int64(),
+        "crop_left": pa.int64(),
+        "refiner_switch_at": pa.float64(),
     }
     fields = []
     for field in inferred:
@@ -474,7 +578,7 @@ def adapters_json(adapters: Sequence[Any]) -> str:
                 "kind": a.kind,
                 "name": a.name,
                 "sha256": a.sha256,
-                "scales": list(a.scales) if a.scales is not None else None,
+                "scales": dict(a.scales),  # component -> scale applied
                 "tokens": list(a.tokens) if a.tokens else [],
             }
             for a in adapters

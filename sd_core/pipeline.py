@@ -17,7 +17,8 @@ import torch
 from sd_core.adapters import AdapterInfo
 from sd_core.adapters.lora import FuseReport, LoadedLora, fuse_loras, load_lora_file
 from sd_core.adapters.lora_export import save_lora_peft
-from sd_core.adapters.textual_inversion import add_embedding, load_embedding_file
+from sd_core.adapters.lora_targets import UNET, targets_of
+from sd_core.adapters.textual_inversion import add_embedding_to_towers, load_embedding_file
 from sd_core.call_args import CallArgs, resolve_call_args
 from sd_core.denoiser import Denoiser, guide
 from sd_core.images import images_to_tensor, tensor_to_output
@@ -233,7 +234,8 @@ class Img2ImgPipeline:
         allow_pickle: bool = False,
     ) -> FuseReport:
         """Fuse a LoRA / LoCon / LoHa / LoKr file (kohya, PEFT or LyCORIS keys) into the weights now.
-        `text_encoder_scale` defaults to `scale`. Unmatched keys are an error unless strict=False."""
+        `scale` is the UNet's, `text_encoder_scale` (default: `scale`) every text tower's. Unmatched keys
+        are an error unless strict=False."""
         return self.load_loras([(path, scale, text_encoder_scale)], strict=strict, allow_pickle=allow_pickle)[
             0
         ]
@@ -246,21 +248,23 @@ class Img2ImgPipeline:
         allow_pickle: bool = False,
     ) -> tuple[FuseReport, ...]:
         """Fuse several LoRAs, given as (path, scale, text_encoder_scale or None), in one pass: each weight
-        gets the fp32 sum of its deltas and one cast back to the model dtype."""
-        loras = [(load_lora_file(Path(p), allow_pickle=allow_pickle), s, ts) for p, s, ts in specs]
-        reports = fuse_loras(self.unet, self.text_encoder, loras, strict=strict)
+        gets the fp32 sum of its deltas and one cast back to the model dtype. Keys are read in this
+        model's names (its family's kohya prefixes, CompVis/sgm or diffusers block names, PEFT components)."""
+        models = {UNET: self.unet, **self.text_encoders}
+        targets = targets_of(models, self.family)
+        loras = [(load_lora_file(Path(p), allow_pickle, targets), s, ts) for p, s, ts in specs]
+        reports = fuse_loras(models, loras, strict=strict)
         self.prompt_encoder.clear_cache()  # cached negatives predate the text-encoder deltas
         self._loras += loras
         for (lora, _, _), report in zip(loras, reports, strict=True):
-            scales = {"unet": report.scale, "text_encoder": report.text_encoder_scale}
-            self.adapters.append(AdapterInfo("lora", lora.name, lora.sha256, scales=scales))
+            self.adapters.append(AdapterInfo("lora", lora.name, lora.sha256, scales=dict(report.scales)))
         return reports
 
     def save_lora(self, path: str | Path) -> None:
         """Write the sum of every loaded LoRA, at its scales, as one PEFT/diffusers-format .safetensors."""
         if not self._loras:
             raise ValueError("no LoRA is loaded: load_lora() first")
-        save_lora_peft(self._loras, Path(path), unet=self.unet, text_encoder=self.text_encoder)
+        save_lora_peft(self._loras, Path(path), models={UNET: self.unet, **self.text_encoders})
 
     def load_textual_inversion(
         self,
@@ -271,9 +275,11 @@ class Img2ImgPipeline:
         allow_pickle: bool = False,
     ) -> AdapterInfo:
         """Add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds, bare
-        tensor with `token`). A k-vector token `tok` is written `tok tok_1 ... tok_{k-1}` in prompts."""
+        tensor with `token`; on SDXL a clip_l + clip_g file, each tower getting its tensor). A k-vector
+        token `tok` is written `tok tok_1 ... tok_{k-1}` in prompts."""
         embedding = load_embedding_file(Path(path), token=token, allow_pickle=allow_pickle)
-        tokens = add_embedding(self.tokenizer, self.text_encoder, embedding, allow_override=allow_override)
+        towers = self.prompt_encoder.towers
+        tokens = add_embedding_to_towers(towers, self.family, embedding, allow_override=allow_override)
         self.prompt_encoder.clear_cache()  # cached negatives were encoded before the new tokens existed
         info = AdapterInfo("textual_inversion", embedding.token, embedding.sha256, tokens=tuple(tokens))
         self.adapters.append(info)

@@ -12,5 +12,6 @@ class AdapterInfo:
     kind: str  # "lora" or "textual_inversion"
     name: str  # file stem (LoRA) or token (textual inversion)
     sha256: str  # of the file's bytes
-    scales: dict[str, float] = field(default_factory=dict)  # LoRA: {"unet": s, "text_encoder": s}
+    # LoRA: the scale each component it patches was fused at: {"unet": s, "text_encoder": t, ...}
+    scales: dict[str, float] = field(default_factory=dict)
     tokens: tuple[str, ...] = ()  # textual inversion: the tokens added (tok, tok_1, ...)

@@ -1,4 +1,4 @@
-"""Textual-inversion embedding files: the A1111, diffusers and bare-tensor formats, read safely.
+"""Textual-inversion embedding files: the A1111, diffusers, SDXL and bare-tensor formats, read safely.
 
 Formats (the file's stored name is the token unless `token=` overrides it):
 - A1111 `.pt`: `{"string_to_param": {"*": [k, d]}, "name": ..., ...}` (diffusers' rule: token = `name`).
@@ -6,8 +6,11 @@ Formats (the file's stored name is the token unless `token=` overrides it):
   the token is the file stem (A1111's convention; diffusers would call the token "emb_params").
 - diffusers `learned_embeds.safetensors` / `.bin`: `{token: [k, d] or [d]}`.
 - a pickled bare tensor: no name at all, so `token=` is required.
-SDXL files (`clip_l` / `clip_g`) are refused. Pickles need `allow_pickle=True` and are then read with
-`torch.load(weights_only=True)`.
+- SDXL (kohya `sdxl_train_textual_inversion.py`, A1111, ComfyUI): `{"clip_l": [k, 768], "clip_g": [k, 1280]}`
+  in one file, one tensor per text tower (`TextTower.embedding_key`); no name, so the token is the file
+  stem.
+The vectors are kept by embedding key: None for the one-tensor formats (SD 1.x / 2.x), "clip_l" /
+"clip_g" for SDXL's. Pickles need `allow_pickle=True` and are then read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from sd_core.loading import PICKLE_SUFFIXES, refuse_pickle
 
 DIFFUSERS_FILE_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
+SDXL_KEYS = ("clip_l", "clip_g")  # the towers' tensors in an SDXL file (TextTower.embedding_key)
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,18 +37,20 @@ class LoadedEmbedding:
 
     name: str | None  # the name stored in (or implied by) the file; None for a bare tensor
     token: str  # the token prompts use: `token=` if given, else `name`
-    vectors: torch.Tensor = field(repr=False)  # [k, d] float32 on CPU
+    # [k, d] float32 on CPU by embedding key: {None: ...} (one-tensor formats), {"clip_l": ..., "clip_g": ...}
+    vectors: dict[str | None, torch.Tensor] = field(repr=False)
     sha256: str  # of the file's bytes
-    format: str  # "a1111", "emb_params", "diffusers" or "tensor"
+    format: str  # "a1111", "emb_params", "diffusers", "tensor" or "sdxl"
     source: str  # the file it was read from
 
     @property
     def num_vectors(self) -> int:
-        return self.vectors.shape[0]
+        return next(iter(self.vectors.values())).shape[0]
 
     @property
-    def width(self) -> int:
-        return self.vectors.shape[1]
+    def widths(self) -> dict[str | None, int]:
+        """The vectors' width by embedding key."""
+        return {key: vectors.shape[1] for key, vectors in self.vectors.items()}
 
     @property
     def tokens(self) -> list[str]:
@@ -89,44 +95,55 @@ def _read_content(path: Path, data: bytes, allow_pickle: bool) -> object:
         ) from err
 
 
-def _name_and_tensor(content: object, path: Path) -> tuple[str | None, object, str]:
-    """(stored name, raw embedding, format) from a file's content."""
+def _name_and_tensors(content: object, path: Path) -> tuple[str | None, dict[str | None, object], str]:
+    """(stored name, raw embeddings by embedding key, format) from a file's content."""
     if isinstance(content, torch.Tensor):
-        return None, content, "tensor"
+        return None, {None: content}, "tensor"
     if not isinstance(content, dict):
         raise ValueError(f"{path} holds a {type(content).__name__}, not a textual-inversion embedding")
-    if "clip_l" in content or "clip_g" in content:
-        raise ValueError(
-            f"{path} is an SDXL textual inversion (clip_l / clip_g embeddings); "
-            "sdbatch supports SD1.x / SD2.x embeddings only, SDXL is not supported yet"
-        )
+    if any(key in content for key in SDXL_KEYS):
+        return path.stem, {key: content[key] for key in SDXL_KEYS if key in content}, "sdxl"
     if "string_to_param" in content:
         params = content["string_to_param"]
         if not isinstance(params, dict) or "*" not in params:
             raise ValueError(f"{path}: A1111 embedding without a string_to_param['*'] tensor")
         name = content.get("name")
-        return (name if isinstance(name, str) else path.stem), params["*"], "a1111"
+        return (name if isinstance(name, str) else path.stem), {None: params["*"]}, "a1111"
     if "emb_params" in content:
-        return path.stem, content["emb_params"], "emb_params"
+        return path.stem, {None: content["emb_params"]}, "emb_params"
     if len(content) == 1:
         ((name, tensor),) = content.items()
-        return str(name), tensor, "diffusers"
+        return str(name), {None: tensor}, "diffusers"
     raise ValueError(
         f"{path} is not a textual-inversion embedding: expected one {{token: tensor}} entry (diffusers), "
         f"string_to_param (A1111) or emb_params; found keys {sorted(map(str, content))[:8]}"
     )
 
 
-def _as_vectors(raw: object, path: Path) -> torch.Tensor:
+def _as_vectors(raw: object, where: str) -> torch.Tensor:
     """[k, d] float32: a [d] vector becomes one row, as in diffusers."""
     if not isinstance(raw, torch.Tensor) or not raw.is_floating_point() or raw.dim() not in (1, 2):
         shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
-        raise ValueError(f"{path}: an embedding must be a float tensor [d] or [k, d], got {shape}")
+        raise ValueError(f"{where}: an embedding must be a float tensor [d] or [k, d], got {shape}")
     vectors = raw.detach().to("cpu", torch.float32).reshape(-1, raw.shape[-1]).contiguous()
     if vectors.numel() == 0:
-        raise ValueError(f"{path}: the embedding is empty (shape {tuple(raw.shape)})")
+        raise ValueError(f"{where}: the embedding is empty (shape {tuple(raw.shape)})")
     if not torch.isfinite(vectors).all():
-        raise ValueError(f"{path}: the embedding contains NaN or Inf values")
+        raise ValueError(f"{where}: the embedding contains NaN or Inf values")
+    return vectors
+
+
+def _vectors_by_key(raw: dict[str | None, object], path: Path) -> dict[str | None, torch.Tensor]:
+    """Each key's [k, d] vectors; the towers of one token must have as many vectors each."""
+    vectors = {
+        key: _as_vectors(value, f"{path}" + (f" ({key})" if key else "")) for key, value in raw.items()
+    }
+    counts = ", ".join(f"{key} {v.shape[0]}" for key, v in vectors.items())
+    if len({v.shape[0] for v in vectors.values()}) > 1:
+        raise ValueError(
+            f"{path}: its tensors hold different numbers of vectors ({counts}); every text tower needs "
+            "as many vectors as the token has"
+        )
     return vectors
 
 
@@ -136,7 +153,7 @@ def load_embedding_file(
     """Read a textual-inversion file (or a folder holding learned_embeds.*); `token` overrides its name."""
     file = _resolve_file(Path(path))
     data = file.read_bytes()
-    name, raw, fmt = _name_and_tensor(_read_content(file, data, allow_pickle), file)
+    name, raw, fmt = _name_and_tensors(_read_content(file, data, allow_pickle), file)
     chosen = token if token is not None else name
     if chosen is None:
         raise ValueError(f"{file} holds a bare tensor with no token name: pass token='<your-token>'")
@@ -145,7 +162,7 @@ def load_embedding_file(
     return LoadedEmbedding(
         name=name,
         token=chosen,
-        vectors=_as_vectors(raw, file),
+        vectors=_vectors_by_key(raw, file),
         sha256=hashlib.sha256(data).hexdigest(),
         format=fmt,
         source=str(file),

@@ -24,13 +24,7 @@ from sd_core.adapters.lora_formats import (
     normalise,
     read_lora_file,
 )
-from sd_core.adapters.lora_targets import (
-    TEXT_ENCODER,
-    UNET,
-    LoraTargets,
-    standard_targets,
-    weighted_modules,
-)
+from sd_core.adapters.lora_targets import UNET, LoraTargets, standard_targets, weighted_modules
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +50,14 @@ class FuseReport:
     applied_modules: int
     skipped_keys: int
     skipped_examples: tuple[str, ...]
-    scale: float
-    text_encoder_scale: float
+    scales: dict[str, float]  # component -> the scale its modules were fused at (the components it patches)
 
 
 def load_lora_file(
     path: str | Path, allow_pickle: bool = False, targets: LoraTargets | None = None
 ) -> LoadedLora:
     """Read a LoRA/LoCon/LoHa/LoKr file (kohya, PEFT/diffusers or LyCORIS keys). Names resolve against
-    `targets` (default: the standard SD1/SD2 module names; pass `targets_of(unet, text_encoder)` for
+    `targets` (default: the standard SD1/SD2 module names; pass `targets_of(models, family)` for SDXL or
     other UNet layouts). Pickles (.pt/.bin/.ckpt) only with `allow_pickle`."""
     path = Path(path)
     raw = read_lora_file(path, allow_pickle)
@@ -133,7 +126,7 @@ def fit_delta(delta: torch.Tensor, shape: torch.Size, where: str) -> torch.Tenso
         return delta.reshape(shape)
     raise ValueError(
         f"{where}: the adapter's delta has shape {tuple(delta.shape)} but the model's weight has shape "
-        f"{tuple(shape)}; a LoRA for a different model family (SD1 vs SD2)?"
+        f"{tuple(shape)}; a LoRA for a different model family (SD 1.x, SD 2.x, SDXL)?"
     )
 
 
@@ -149,9 +142,10 @@ def _float_on(factors: Factors, device: torch.device) -> Factors:
 # ---- fusing ------------------------------------------------------------------------------------------
 
 
-def model_modules(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str, nn.Module]]:
-    """{component: {module name: module}} of what LoRA-family adapters patch (also on the meta device)."""
-    return {UNET: weighted_modules(unet), TEXT_ENCODER: weighted_modules(text_encoder)}
+def model_modules(models: Mapping[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
+    """{component: {module name: module}} of what LoRA-family adapters patch, for {component: model}
+    ("unet", "text_encoder", "text_encoder_2"; also on the meta device)."""
+    return {component: weighted_modules(model) for component, model in models.items()}
 
 
 def matching_records(
@@ -162,7 +156,7 @@ def matching_records(
     when a record's delta does not fit its module's weight. Reads shapes only: meta modules do."""
     skipped, matching = list(lora.unmatched_keys), []
     for record in lora.records:
-        module = modules[record.component].get(record.module)
+        module = modules.get(record.component, {}).get(record.module)
         if module is None:
             skipped.extend(record.keys)
             continue
@@ -172,41 +166,45 @@ def matching_records(
     return matching, skipped
 
 
+def component_scales(
+    components: Sequence[str], scale: float, text_encoder_scale: float | None
+) -> dict[str, float]:
+    """{component: scale}: `scale` for the UNet, `text_encoder_scale` (None: `scale`) for every text tower."""
+    text_scale = scale if text_encoder_scale is None else text_encoder_scale
+    return {component: scale if component == UNET else text_scale for component in components}
+
+
 def fuse_lora(
-    unet: nn.Module,
-    text_encoder: nn.Module,
+    models: Mapping[str, nn.Module],
     lora: LoadedLora,
     scale: float = 1.0,
     text_encoder_scale: float | None = None,
     strict: bool = True,
 ) -> FuseReport:
-    """Add `lora`'s deltas to the UNet and text-encoder weights in place (text_encoder_scale=None: scale)."""
-    return fuse_loras(unet, text_encoder, [(lora, scale, text_encoder_scale)], strict)[0]
+    """Add `lora`'s deltas to the weights of {component: model} in place (text_encoder_scale, for every
+    text tower, None: scale)."""
+    return fuse_loras(models, [(lora, scale, text_encoder_scale)], strict)[0]
 
 
 def fuse_loras(
-    unet: nn.Module,
-    text_encoder: nn.Module,
+    models: Mapping[str, nn.Module],
     adapters: Sequence[tuple[LoadedLora, float, float | None]],
     strict: bool = True,
 ) -> tuple[FuseReport, ...]:
-    """Fuse several (lora, unet scale, text-encoder scale or None) at once: each module's deltas are summed
-    in float32 and the weight is cast back once. strict: keys that match no module are an error; else a
-    warning, and they are skipped."""
-    modules = model_modules(unet, text_encoder)
+    """Fuse several (lora, unet scale, text-tower scale or None) into {component: model} at once: each
+    module's deltas are summed in float32 and the weight is cast back once. strict: keys that match no
+    module are an error; else a warning, and they are skipped."""
+    modules = model_modules(models)
     plan: dict[tuple[str, str], list[tuple[Factors, float]]] = defaultdict(list)
     reports = []
-    for lora, scale, te_scale in adapters:
-        te_scale = scale if te_scale is None else te_scale
+    for lora, scale, text_encoder_scale in adapters:
         records, skipped = matching_records(lora, modules)
+        patched = sorted({record.component for record in records}, key=list(models).index)
+        scales = component_scales(patched, scale, text_encoder_scale)
         for record in records:
-            plan[record.component, record.module].append(
-                (record.factors, scale if record.component == UNET else te_scale)
-            )
+            plan[record.component, record.module].append((record.factors, scales[record.component]))
         applied = {(record.component, record.module) for record in records}
-        reports.append(
-            FuseReport(lora.name, len(applied), len(skipped), tuple(skipped[:_EXAMPLES]), scale, te_scale)
-        )
+        reports.append(FuseReport(lora.name, len(applied), len(skipped), tuple(skipped[:_EXAMPLES]), scales))
     _report_skipped(reports, strict)
     for (component, name), contributions in plan.items():
         weight = modules[component][name].weight

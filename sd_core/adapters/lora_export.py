@@ -2,66 +2,73 @@
 
 Plain LoRAs are exported exactly by concatenating ranks (scale·alpha/rank folded into lora_B, a Tucker
 `lora_mid` folded into lora_A); LoHa/LoKr deltas are full rank in general and go through an SVD truncated
-at their numerical rank. Keys are `unet.<module>.lora_A.weight` / `.lora_B.weight` and
-`text_encoder.text_model.<module>...`: the names diffusers' `load_lora_weights` reads, with transformers
-4's nested CLIPTextModel and (diffusers >= 0.42 strips the `text_model.` prefix) transformers 5's flat one.
-No alpha is stored: loaders then take alpha = rank, a scale of 1.
+at their numerical rank. Keys are `unet.<module>.lora_A.weight` / `.lora_B.weight`, and for each text
+tower `<component>.text_model.<module>...` (`text_encoder.`, SDXL's `text_encoder_2.`; the projection
+stays `text_encoder_2.text_projection`): the names diffusers' `load_lora_weights` reads, with transformers
+4's nested CLIP models and (diffusers >= 0.42 strips the `text_model.` prefix for a model without that
+level) transformers 5's flat CLIPTextModel. No alpha is stored: loaders then take alpha = rank, a scale
+of 1.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sd_core.adapters.lora import LoadedLora, delta_of, fit_delta, lora_pair
+from sd_core.adapters.lora import LoadedLora, component_scales, delta_of, fit_delta, lora_pair
 from sd_core.adapters.lora_formats import LoraFactors, LoraRecord
-from sd_core.adapters.lora_targets import UNET, weighted_modules
+from sd_core.adapters.lora_targets import NESTED_TEXT, UNET, weighted_modules
 
 log = logging.getLogger(__name__)
 
-EXPORT_PREFIXES = {UNET: "unet.", "text_encoder": "text_encoder.text_model."}
+_TEXT_PROJECTION = "text_projection"  # beside `text_model.` in CLIPTextModelWithProjection
+
+
+def export_key(component: str, module: str) -> str:
+    """The PEFT key (before `.lora_A.weight`) diffusers reads for one of our modules."""
+    if component == UNET or module.startswith(NESTED_TEXT) or module == _TEXT_PROJECTION:
+        return f"{component}.{module}"
+    return f"{component}.{NESTED_TEXT}{module}"
 
 
 def save_lora_peft(
     adapters: Sequence[tuple[LoadedLora, float, float | None]],
     path: str | Path,
-    unet: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
+    models: Mapping[str, nn.Module] | None = None,
 ) -> None:
-    """Write (lora, unet scale, text-encoder scale or None = unet scale) adapters as one .safetensors LoRA.
+    """Write (lora, unet scale, text-tower scale or None = unet scale) adapters as one .safetensors LoRA.
 
-    Give the models LyCORIS files were made for when they hold conv LoHa/LoKr: those store a conv kernel
-    flattened, and only the model's weight says how to unflatten it.
+    Give the {component: model} LyCORIS files were made for when they hold conv LoHa/LoKr: those store a
+    conv kernel flattened, and only the model's weight says how to unflatten it.
     """
     shapes = {
         (component, name): module.weight.shape
-        for component, model in ((UNET, unet), ("text_encoder", text_encoder))
-        if model is not None
+        for component, model in (models or {}).items()
         for name, module in weighted_modules(model).items()
     }
     pairs: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    for lora, scale, te_scale in adapters:
+    for lora, scale, text_encoder_scale in adapters:
         if lora.unmatched_keys:
             log.warning("LoRA %r: %d unmatched keys are not exported", lora.name, len(lora.unmatched_keys))
-        component_scale = {UNET: scale, "text_encoder": scale if te_scale is None else te_scale}
+        scales = component_scales(sorted({r.component for r in lora.records}), scale, text_encoder_scale)
         for record in lora.records:
             a, b = _low_rank(record, shapes.get((record.component, record.module)))
             if a.shape[0]:
-                pairs[record.component, record.module].append((a, b * component_scale[record.component]))
+                pairs[record.component, record.module].append((a, b * scales[record.component]))
     tensors = {}
     for (component, module), parts in pairs.items():
-        key = f"{EXPORT_PREFIXES[component]}{module}"
+        key = export_key(component, module)
         shapes_of_a = {tuple(a.shape[1:]) for a, _ in parts}
         if len(shapes_of_a) > 1:
             raise ValueError(
                 f"{component} module {module}: the adapters' factors have different shapes "
-                f"{sorted(shapes_of_a)}; pass unet= and text_encoder= to shape them like the model's weights"
+                f"{sorted(shapes_of_a)}; pass models= to shape them like the model's weights"
             )
         a = torch.cat([a for a, _ in parts])
         b = torch.cat([b for _, b in parts], dim=1)

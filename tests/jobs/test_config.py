@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,16 @@ FULL = {
         "eta": 0.5,
         "output_format": "webp",
         "quality": 90,
+        "guidance_rescale": 0.3,
+        "prompt_syntax": "a1111",
+        "prompt_2": "sharp focus",
+        "negative_prompt_2": "grainy",
+        "aesthetic_score": 7.0,
+        "negative_aesthetic_score": 2.0,
+        "original_width": 2048,
+        "original_height": 1536,
+        "crop_top": 0,
+        "crop_left": 16,
     },
     "compute": {
         "batch_size": 8,
@@ -82,6 +93,13 @@ FULL = {
         "strength": {"values": [0.5, 0.7], "low": None, "high": None},
         "guidance_scale": {"values": [], "low": 5.0, "high": 9.0},
         "substitutions": [{"column": "label", "value": "3", "text": "<cls-3>"}],
+    },
+    "refiner": {
+        "path": "s3://models/sdxl-refiner.safetensors",
+        "switch_at": 0.75,
+        "config": None,
+        "adapters": {"loras": [{"path": "s3://models/refiner-style.safetensors", "scale": 0.5,
+                                "text_encoder_scale": None}], "embeddings": []},
     },
     "seed": 1234,
     "max_error_rate": 0.05,
@@ -464,10 +482,47 @@ def test_fingerprint_ignores_where_outputs_go_and_how_fast(change):
         {"seed": 1235},
         {"adapters": {**FULL["adapters"], "loras": [{**FULL["adapters"]["loras"][0], "scale": 0.9}]}},
         {"model": {**FULL["model"], "scheduler": "ddim"}},
+        {"refiner": {**FULL["refiner"], "switch_at": 0.7}},
+        {"refiner": {**FULL["refiner"], "path": "s3://models/other-refiner.safetensors"}},
+        {"refiner": None},
+        {"defaults": {**FULL["defaults"], "aesthetic_score": 6.5}},
+        {"defaults": {**FULL["defaults"], "prompt_syntax": "plain"}},
+        {"defaults": {**FULL["defaults"], "guidance_rescale": 0.0}},
     ],
 )
 def test_fingerprint_changes_with_what_shapes_the_images(change):
     assert _load({**FULL, **change}).fingerprint() != full_config().fingerprint()
+
+
+def test_settings_added_later_leave_older_fingerprints_alone_at_their_defaults():
+    """An output written before the SDXL settings existed resumes: at their defaults (and with no
+    refiner) they are left out of the fingerprint, which is then what the older version computed."""
+    import hashlib
+
+    config = config_with(defaults={"prompt": "a fox"})
+    shaping = {name: value for name, value in config.to_dict().items() if name in ("model", "adapters",
+                                                                                  "defaults", "seed")}
+    del shaping["model"]["compile"]
+    for name in ("guidance_rescale", "prompt_syntax", "prompt_2", "negative_prompt_2", "aesthetic_score",
+                 "negative_aesthetic_score", "original_width", "original_height", "crop_top", "crop_left"):
+        del shaping["defaults"][name]
+    text = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
+    assert config.fingerprint() == hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"refiner": {"path": "/m/refiner", "switch_at": 1.0}}, "must lie strictly between 0 and 1"),
+        ({"refiner": {"path": ""}}, "must not be empty"),
+        ({"defaults": {"original_width": 1024}}, "original_width and original_height go together"),
+        ({"defaults": {"aesthetic_score": 11.0}}, r"a finite number in \[0, 10\]"),
+        ({"defaults": {"prompt_syntax": "a1112"}}, "did you mean 'a1111'"),
+        ({"defaults": {"guidance_rescale": -0.1}}, r"a finite number in \[0, 1\]"),
+    ],
+)
+def test_bad_sdxl_settings_are_refused(section, message):
+    assert any(re.search(message, text) for text in problems_of({**REQUIRED, **section}).values())
 
 
 def test_fingerprint_is_a_stable_sha256_hex():

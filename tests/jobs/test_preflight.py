@@ -32,6 +32,7 @@ from tests.sd_core.test_lora import (
     write_kohya,
     write_peft,
 )
+from tests.sd_core.test_sdxl_adapters import REFINER_KOHYA_MODULES, write_xl_kohya, write_xl_peft
 from tests.sd_core.test_textual_inversion import WIDTH, vectors, write_a1111_pt, write_safetensors
 
 PICKLE_WORDS = (
@@ -54,6 +55,23 @@ def loras(model_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
         write_kohya(kohya, shapes, targets, alpha_of=lambda m: 3.0, rank_of=lambda m: 2, seed=1)
         write_peft(peft, shapes, pick(shapes, ("mid_block.attentions.",)), PEFT_CONFIGS, seed=2)
         files[family] = {"kohya": kohya, "peft": peft}
+    return files
+
+
+@pytest.fixture(scope="module")
+def xl_adapters(xl_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    """SDXL base: a kohya LoRA (sgm UNet names, lora_te1_ + lora_te2_), a PEFT LoRA (text_encoder_2.*) and
+    an SDXL embedding (clip_l + clip_g); refiner: a kohya LoRA whose one tower is lora_te2_."""
+    root = tmp_path_factory.mktemp("preflight-xl")
+    base = Img2ImgPipeline.from_pretrained(xl_model_dirs["xl_base"])
+    refiner = Img2ImgPipeline.from_pretrained(xl_model_dirs["xl_refiner"])
+    files = {name: root / f"{name}.safetensors" for name in ("kohya", "peft", "refiner_kohya")}
+    write_xl_kohya(files["kohya"], base)
+    write_xl_peft(files["peft"], base)
+    refiner_prefixes = {"unet": "lora_unet_", "text_encoder_2": "lora_te2_"}
+    write_xl_kohya(files["refiner_kohya"], refiner, prefixes=refiner_prefixes, modules=REFINER_KOHYA_MODULES)
+    tensors = {"clip_l": vectors(2, 32, 1), "clip_g": vectors(2, 64, 2)}
+    files["embedding"] = write_safetensors(root / "<xl-style>.safetensors", tensors)
     return files
 
 
@@ -121,7 +139,8 @@ def test_pickled_single_file_is_refused_without_opt_in(plan_for, model_dirs, tmp
     assert f"model.path {pickled}: {pickled} is a pickle file" in message
     assert all(words in message for words in PICKLE_WORDS), message
     plan = plan_for(pickled, **{"model.allow_pickle": True})
-    assert f"{CHECKED}model: pickled single file, family unknown" in plan.describe()[-1]
+    assert any(f"{CHECKED}model: pickled single file, family unknown" in line for line in plan.describe())
+    assert "memory    weights not counted: the model is a pickle" in plan.describe()[-1]
 
 
 def test_folder_with_pickled_weights_is_refused_whatever_model_config_says(plan_for, model_dirs, tmp_path):
@@ -139,6 +158,22 @@ def test_folder_without_weights_is_refused_as_the_loader_would(plan_for, model_d
     (folder / "text_encoder" / "model.safetensors").unlink()
     message = refusal(plan_for, folder)
     assert f"model folder {folder} has no weights for 'text_encoder'" in message
+
+
+@pytest.mark.parametrize(
+    ("family", "described"),
+    [("xl_base", "SDXL base, text widths 32 + 64"), ("xl_refiner", "SDXL refiner, text width 64")],
+)
+def test_sdxl_folder_is_described(plan_for, xl_model_dirs, family, described):
+    plan = plan_for(xl_model_dirs[family])
+    assert f"{CHECKED}model: diffusers folder, {described}; no weights read" in plan.describe()
+
+
+def test_sdxl_single_file_family_comes_from_its_header(plan_for, xl_model_dirs, xl_adapters, tmp_path):
+    path = single_file(xl_model_dirs, "xl_base", tmp_path / "xl.safetensors")
+    cut_after_header(path)
+    plan = plan_for(path, loras=[xl_adapters["kohya"]])
+    assert f"{CHECKED}model: single file, SDXL base, text widths 32 + 64; no weights read" in plan.describe()
 
 
 def test_single_file_family_comes_from_its_header(plan_for, model_dirs, loras, tmp_path):
@@ -163,7 +198,8 @@ def test_preflight_reads_no_model_weights(plan_for, model_dirs, loras, tmp_path,
     monkeypatch.setattr("sd_core.loading.load_file", forbidden)
     embedding = write_safetensors(tmp_path / "e.safetensors", {"<e>": vectors(1, WIDTH["v1"], 0)})
     plan = plan_for(folder, loras=[loras["v1"]["kohya"]], embeddings=[(embedding, None)])
-    assert len(plan.checks) == 3
+    assert len(plan.checks) == 4  # model, LoRA, embedding, and the weights' memory (from the headers)
+    assert "model 0.02 GiB (4.8 M parameters)" in plan.checks[-1]
 
 
 def test_dry_run_without_adapters_does_not_import_torch(model_dirs, manifest, tmp_path):
@@ -251,26 +287,74 @@ def with_extra_modules(source: Path, target: Path, names: list[str]) -> Path:
     return target
 
 
-SDXL_NAMES = [
-    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
-    "lora_te1_text_model_encoder_layers_0_self_attn_k_proj",
-    "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q",  # SDXL's second transformer block
-]
 UNKNOWN_NAMES = [f"lora_unet_no_such_block_{i}" for i in range(4)]
 
 
-@pytest.mark.parametrize(
-    ("names", "hint"),
-    [(SDXL_NAMES, "this is an SDXL LoRA"), (UNKNOWN_NAMES, "is it a LoRA for another model family")],
-)
-def test_lora_whose_modules_name_no_layer_is_refused(plan_for, model_dirs, loras, tmp_path, names, hint):
-    lora = with_extra_modules(loras["v1"]["kohya"], tmp_path / "odd.safetensors", names)
+def test_lora_whose_modules_name_no_layer_is_refused(plan_for, model_dirs, loras, tmp_path):
+    lora = with_extra_modules(loras["v1"]["kohya"], tmp_path / "odd.safetensors", UNKNOWN_NAMES)
     total = len({key.rsplit(".", 2)[0] for key in load_file(str(lora))})
     message = refusal(plan_for, model_dirs["v1"], loras=[lora])
-    assert f"adapters.loras[0] {lora}: {len(names)} of {total} modules name no layer of the model" in message
-    assert f"e.g. {sorted(names)[0]}" in message and hint in message, message
-    with pytest.raises(ValueError, match=f"{2 * len(names) + len(names)} keys match no module"):
+    assert f"adapters.loras[0] {lora}: 4 of {total} modules name no layer of the model" in message
+    assert f"e.g. {UNKNOWN_NAMES[0]}" in message and "is it a LoRA for another model family" in message
+    with pytest.raises(ValueError, match="12 keys match no module"):
         real_load(model_dirs["v1"], [lora])
+
+
+def test_sdxl_loras_and_embedding_pass_on_sdxl_base_and_load(plan_for, xl_model_dirs, xl_adapters):
+    loras, embedding = [xl_adapters["kohya"], xl_adapters["peft"]], xl_adapters["embedding"]
+    lines = plan_for(xl_model_dirs["xl_base"], loras=loras, embeddings=[(embedding, None)]).checks
+    assert lines[1].startswith(f"{CHECKED}LoRA {loras[0]}: kohya, ") and "modules patch the model" in lines[1]
+    assert lines[2].startswith(f"{CHECKED}LoRA {loras[1]}: peft, ")
+    assert (
+        lines[3]
+        == f"{CHECKED}embedding {embedding}: token '<xl-style>', 2 vectors clip_l 32 wide, clip_g 64 wide"
+    )
+    pipe = real_load(xl_model_dirs["xl_base"], loras, [(embedding, None)])
+    assert [a.kind for a in pipe.adapters] == ["lora", "lora", "textual_inversion"]
+
+
+def test_sd1_lora_on_sdxl_base_is_refused_naming_both_families(plan_for, xl_model_dirs, loras):
+    lora = loras["v1"]["kohya"]
+    message = refusal(plan_for, xl_model_dirs["xl_base"], loras=[lora])
+    assert f"adapters.loras[0] {lora} is a LoRA for SD 1.x / SD 2.x, not for the model " in message
+    assert f"{xl_model_dirs['xl_base']} (SDXL base): its text-encoder keys start lora_te_*" in message
+    assert (
+        "SDXL base names its text encoders lora_te1_*, text_encoder.*, lora_te2_*, text_encoder_2.*"
+        in message
+    )
+    with pytest.raises(ValueError, match="a LoRA for a different model family"):  # the load's shape check
+        real_load(xl_model_dirs["xl_base"], [lora])
+
+
+def test_sdxl_lora_on_sd1_is_refused_naming_both_families(plan_for, model_dirs, xl_adapters):
+    lora = xl_adapters["kohya"]
+    message = refusal(plan_for, model_dirs["v1"], loras=[lora])
+    assert (
+        f"adapters.loras[0] {lora} is a LoRA for SDXL base, not for the model {model_dirs['v1']} (SD 1.x)"
+        in message
+    )
+    assert "its text-encoder keys start lora_te1_*, lora_te2_*" in message
+    assert "Use a LoRA made for SD 1.x, or a SDXL base model." in message
+    with pytest.raises(ValueError, match="a LoRA for a different model family"):
+        real_load(model_dirs["v1"], [lora])
+
+
+def test_refiner_section_and_its_adapters_are_checked(plan_for, xl_model_dirs, xl_adapters):
+    """The refiner's own LoRA is checked against the refiner (its one tower: lora_te2_), and the base's
+    LoRA would not fit it."""
+    refiner = {"refiner.path": str(xl_model_dirs["xl_refiner"])}
+    lora = xl_adapters["refiner_kohya"]
+    checks = plan_for(
+        xl_model_dirs["xl_base"], **refiner, **{"refiner.adapters.loras": [{"path": str(lora)}]}
+    ).checks
+    assert checks[1] == f"{CHECKED}refiner: diffusers folder, SDXL refiner, text width 64; no weights read"
+    assert checks[2].startswith(f"{CHECKED}LoRA {lora}: kohya, ")
+    base_lora = {"refiner.adapters.loras": [{"path": str(xl_adapters["kohya"])}]}
+    message = refusal(plan_for, xl_model_dirs["xl_base"], **refiner, **base_lora)
+    assert (
+        f"refiner.adapters.loras[0] {xl_adapters['kohya']} is a LoRA for SDXL base, not for the model"
+        in message
+    )
 
 
 def test_empty_lora_is_refused(plan_for, model_dirs, tmp_path):
@@ -300,6 +384,24 @@ def test_embedding_of_another_width_is_refused(plan_for, model_dirs, tmp_path):
     assert "another model family" in message
     with pytest.raises(ValueError, match="64-wide vectors"):
         real_load(model_dirs["v1"], embeddings=[(embedding, None)])
+
+
+def test_sdxl_embedding_on_sd1_is_refused_naming_both_families(plan_for, model_dirs, xl_adapters):
+    embedding = xl_adapters["embedding"]
+    message = refusal(plan_for, model_dirs["v1"], embeddings=[(embedding, None)])
+    assert f"adapters.embeddings[0] {embedding} does not fit the model {model_dirs['v1']} (SD 1.x)" in message
+    assert "is an SDXL embedding (clip_l, clip_g tensors) but this model is SD 1.x" in message
+    with pytest.raises(ValueError, match="is an SDXL embedding"):
+        real_load(model_dirs["v1"], embeddings=[(embedding, None)])
+
+
+def test_sd1_embedding_on_sdxl_is_refused_naming_both_families(plan_for, xl_model_dirs, tmp_path):
+    embedding = write_safetensors(tmp_path / "sd1.safetensors", {"<sd1>": vectors(1, WIDTH["v1"], 0)})
+    message = refusal(plan_for, xl_model_dirs["xl_base"], embeddings=[(embedding, None)])
+    assert (
+        "is a one-tensor embedding, the kind SD 1.x / SD 2.x models read, but this model is SDXL base"
+        in message
+    )
 
 
 def test_pickled_embedding_needs_opt_in(plan_for, model_dirs, tmp_path):

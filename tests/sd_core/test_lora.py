@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 
 import diffusers
 import numpy as np
@@ -42,6 +43,7 @@ PEFT_CONFIGS = {
     "unet": {"lora_alpha": 6.0, "alpha_pattern": {"mid_block.attentions.0.proj_in": 1.5}},
     "text_encoder": {"lora_alpha": 2.0, "use_rslora": True},
 }
+SD_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # A hand-made table of CompVis names for the tiny layout ([CA, CA, Down] / [Up, CA, CA], 2 layers per level)
 LDM_NAMES = {
     "input_blocks_0_0": "conv_in",
@@ -62,21 +64,27 @@ LDM_NAMES = {
 # ---- building adapter files ------------------------------------------------------------------------
 
 
+def models_of(pipe) -> dict[str, torch.nn.Module]:
+    """{component: model} of what adapters patch: the UNet and every text tower."""
+    return {"unet": pipe.unet, **pipe.text_encoders}
+
+
 def weight_shapes(pipe) -> dict[tuple[str, str], torch.Size]:
     """(component, module) -> weight shape of every Linear/Conv2d of the pipeline."""
     return {
         (component, name): module.weight.shape
-        for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+        for component, model in models_of(pipe).items()
         for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
     }
 
 
 def pick(shapes, unet_prefixes, text_encoder: bool = True) -> list[tuple[str, str]]:
+    """UNet modules under `unet_prefixes`, and every text tower's transformer layers if `text_encoder`."""
     return [
         (c, m)
         for c, m in shapes
-        if (c == "unet" and m.startswith(unet_prefixes)) or (c == "text_encoder" and text_encoder)
+        if (c == "unet" and m.startswith(unet_prefixes)) or (c != "unet" and text_encoder and "layers." in m)
     ]
 
 
@@ -91,23 +99,33 @@ def lora_factors(g, shape, rank) -> tuple[torch.Tensor, torch.Tensor]:
     return randn(g, rank, shape[1]), randn(g, shape[0], rank)
 
 
-def kohya_name(component: str, module: str) -> str:
-    prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-    return prefix + module.replace(".", "_")
+def kohya_name(component: str, module: str, prefixes: dict[str, str] = SD_KOHYA_PREFIXES) -> str:
+    """kohya's key: the component's prefix and the module path with "." -> "_" (text towers under
+    transformers 4's `text_model.` level)."""
+    return prefixes[component] + text_model_path(component, module).replace(".", "_")
+
+
+def text_model_path(component: str, module: str) -> str:
+    """A module's path as files name it: text modules under `text_model.` (flat in transformers 5's
+    CLIPTextModel, nested in CLIPTextModelWithProjection)."""
+    return module if component == "unet" else "text_model." + module.removeprefix("text_model.")
 
 
 def closed_form(down, up, alpha, rank) -> torch.Tensor:
     return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * (alpha / rank)
 
 
-def write_kohya(path, shapes, targets, alpha_of, rank_of, seed) -> dict[tuple[str, str], torch.Tensor]:
-    """A kohya file over `targets`; returns each module's closed-form delta at scale 1."""
+def write_kohya(
+    path, shapes, targets, alpha_of, rank_of, seed=0, name_of: Callable[[str, str], str] = kohya_name
+) -> dict[tuple[str, str], torch.Tensor]:
+    """A kohya file over `targets` (keys named by `name_of(component, module)`); returns each module's
+    closed-form delta at scale 1."""
     g = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     for component, module in targets:
         shape, rank, alpha = shapes[component, module], rank_of(module), alpha_of(module)
         down, up = lora_factors(g, shape, rank)
-        name = kohya_name(component, module)
+        name = name_of(component, module)
         tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
         deltas[component, module] = closed_form(down, up, alpha, rank).reshape(shape)
@@ -116,13 +134,14 @@ def write_kohya(path, shapes, targets, alpha_of, rank_of, seed) -> dict[tuple[st
 
 
 def write_peft(path, shapes, targets, configs: dict[str, dict], seed) -> None:
-    """A diffusers-format file: `unet.<module>.lora_A/B`, `text_encoder.text_model.<module>...`, and
-    the `lora_adapter_metadata` JSON of PEFT LoraConfig fields per component (`configs`)."""
+    """A diffusers-format file: `unet.<module>.lora_A/B`, `text_encoder.text_model.<module>...` (SDXL:
+    also `text_encoder_2.`), and the `lora_adapter_metadata` JSON of PEFT LoraConfig fields per component
+    (`configs`)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for component, module in targets:
         down, up = lora_factors(g, shapes[component, module], RANK)
-        key = f"unet.{module}" if component == "unet" else f"text_encoder.text_model.{module}"
+        key = f"{component}.{text_model_path(component, module)}"
         tensors |= {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}
     metadata = {}
     for component, config in configs.items():
@@ -248,7 +267,7 @@ def test_two_loras_at_different_scales_match_diffusers(model_dirs, files, base_i
 def fused_minus_base(folder, adapters) -> dict[tuple[str, str], torch.Tensor]:
     base = Img2ImgPipeline.from_pretrained(folder)
     pipe = Img2ImgPipeline.from_pretrained(folder)
-    fuse_loras(pipe.unet, pipe.text_encoder, adapters)
+    fuse_loras(models_of(pipe), adapters)
     before, after = weight_state(base), weight_state(pipe)
     return {key: after[key] - before[key] for key in before if not torch.equal(after[key], before[key])}
 
@@ -256,7 +275,7 @@ def fused_minus_base(folder, adapters) -> dict[tuple[str, str], torch.Tensor]:
 def weight_state(pipe) -> dict[tuple[str, str], torch.Tensor]:
     return {
         (component, name.removesuffix(".weight")): value
-        for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+        for component, model in models_of(pipe).items()
         for name, value in model.state_dict().items()
         if name.endswith(".weight")
     }
@@ -294,7 +313,7 @@ def test_compvis_block_names_patch_the_matching_modules(model_dirs, shapes, tmp_
 
 
 def test_names_resolve_against_a_given_models_modules(v1_pipe, tmp_path):
-    """`targets=targets_of(unet, text_encoder)` (for UNet layouts other than SD's) reads CompVis names
+    """`targets=targets_of(models, family)` (for UNet layouts other than SD's) reads CompVis names
     through the model's own layout; on the tiny layout that agrees with the LDM_NAMES table."""
     zeros = {
         f"lora_unet_{ldm}.lora_{part}.weight": torch.zeros(1, 1)
@@ -302,7 +321,7 @@ def test_names_resolve_against_a_given_models_modules(v1_pipe, tmp_path):
         for part in ("down", "up")
     }
     save_file(zeros, str(tmp_path / "ldm.safetensors"))
-    targets = targets_of(v1_pipe.unet, v1_pipe.text_encoder)
+    targets = targets_of(models_of(v1_pipe), v1_pipe.family)
     lora = load_lora_file(tmp_path / "ldm.safetensors", targets=targets)
     assert sorted(record.module for record in lora.records) == sorted(LDM_NAMES.values())
 
@@ -343,18 +362,30 @@ def kron_blocks(w1, w2) -> torch.Tensor:
     return out
 
 
-def loha_file(path, shapes, g) -> dict[tuple[str, str], torch.Tensor]:
+LOHA_MODULES = (  # (component, module, Tucker)
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", False),
+    ("unet", "up_blocks.1.resnets.1.conv2", False),
+    ("unet", "mid_block.resnets.0.conv1", True),
+    ("text_encoder", "encoder.layers.1.mlp.fc1", False),
+)
+LOKR_MODULES = (  # (component, module, case)
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "w1_full"),
+    ("unet", "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.2", "both_factorised"),
+    ("text_encoder", "encoder.layers.0.self_attn.k_proj", "both_full"),
+    ("unet", "down_blocks.0.resnets.1.conv1", "conv_full"),
+    ("unet", "up_blocks.1.resnets.0.conv2", "conv_tucker"),
+)
+
+
+def loha_file(
+    path, shapes, g, modules=LOHA_MODULES, name_of=kohya_name
+) -> dict[tuple[str, str], torch.Tensor]:
     """LoHa on a Linear, on a 3x3 conv with flattened kernel, and a Tucker 3x3 conv (hada_t1/t2), plus a
     text-encoder Linear. Assumed (LyCORIS loha.py): delta = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank,
     rank = w1_b.shape[0]; non-Tucker convs store w*_b as [r, in*kh*kw]."""
     tensors, deltas = {}, {}
-    for component, module, tucker in (
-        ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", False),
-        ("unet", "up_blocks.1.resnets.1.conv2", False),
-        ("unet", "mid_block.resnets.0.conv1", True),
-        ("text_encoder", "encoder.layers.1.mlp.fc1", False),
-    ):
-        shape, name, rank, alpha = shapes[component, module], kohya_name(component, module), 3, 2.0
+    for component, module, tucker in modules:
+        shape, name, rank, alpha = shapes[component, module], name_of(component, module), 3, 2.0
         if tucker:
             parts = {
                 f"{s}_{n}": randn(g, rank, shape[i], magnitude=0.5)
@@ -375,21 +406,14 @@ def loha_file(path, shapes, g) -> dict[tuple[str, str], torch.Tensor]:
     return deltas
 
 
-def lokr_file(path, shapes, g) -> dict[tuple[str, str], torch.Tensor]:
+def lokr_file(path, shapes, g, cases=LOKR_MODULES, name_of=kohya_name) -> dict[tuple[str, str], torch.Tensor]:
     """LoKr: delta = kron(w1, w2) * scale, scale = alpha / rank of the factorised side, 1 with both full
     (assumed from LyCORIS lokr.py and A1111's network_lokr.py). Cases: w1 full + w2 factorised; both
     factorised; both full with an alpha that must be ignored; a 3x3 conv with a full 4-D w2; a 3x3 conv with
     a Tucker w2 (lokr_t2)."""
     tensors, deltas = {}, {}
-    cases = (
-        ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "w1_full"),
-        ("unet", "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.2", "both_factorised"),
-        ("text_encoder", "encoder.layers.0.self_attn.k_proj", "both_full"),
-        ("unet", "down_blocks.0.resnets.1.conv1", "conv_full"),
-        ("unet", "up_blocks.1.resnets.0.conv2", "conv_tucker"),
-    )
     for component, module, case in cases:
-        shape, name, rank, alpha = shapes[component, module], kohya_name(component, module), 2, 5.0
+        shape, name, rank, alpha = shapes[component, module], name_of(component, module), 2, 5.0
         a, c = 4, 8  # w1 is [4, 8]; w2 is [out/4, in/8 (, kh, kw)]
         b, d = shape[0] // a, shape[1] // c
         parts = {}
@@ -416,7 +440,7 @@ def lokr_file(path, shapes, g) -> dict[tuple[str, str], torch.Tensor]:
 
 def patched_images(folder, deltas, scale: float) -> np.ndarray:
     pipe = Img2ImgPipeline.from_pretrained(folder)
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    models = models_of(pipe)
     with torch.no_grad():
         for (component, module), delta in deltas.items():
             models[component].get_submodule(module).weight += scale * delta
@@ -497,17 +521,17 @@ def with_unknown_keys(files, tmp_path):
 def test_unknown_keys_are_an_error_that_names_them(v1_pipe, with_unknown_keys):
     weight = v1_pipe.unet.conv_in.weight.clone()
     with pytest.raises(ValueError, match=r"4 keys match no module.*no_such_block.*strict=False"):
-        fuse_lora(v1_pipe.unet, v1_pipe.text_encoder, with_unknown_keys)
+        fuse_lora(models_of(v1_pipe), with_unknown_keys)
     assert torch.equal(v1_pipe.unet.conv_in.weight, weight)  # nothing was fused
 
 
 def test_unknown_keys_without_strict_warn_and_are_counted(v1_pipe, with_unknown_keys, files, caplog):
     with caplog.at_level(logging.WARNING, logger="sd_core.adapters.lora"):
-        report = fuse_lora(v1_pipe.unet, v1_pipe.text_encoder, with_unknown_keys, scale=0.5, strict=False)
+        report = fuse_lora(models_of(v1_pipe), with_unknown_keys, scale=0.5, strict=False)
     complete = load_lora_file(files["v1"]["kohya"])
     assert report.applied_modules == len(complete.records)
     assert report.skipped_keys == 4 and "lora_unet_conv_in.dora_scale" in report.skipped_examples
-    assert (report.scale, report.text_encoder_scale) == (0.5, 0.5)
+    assert report.scales == {"unet": 0.5, "text_encoder": 0.5}
     assert "4 keys match no module" in caplog.text and "applied" in caplog.text
 
 
@@ -516,7 +540,7 @@ def test_sd2_lora_on_sd1_model_is_a_shape_error(v1_pipe, files):
     with pytest.raises(
         ValueError, match=r"module .* shape \(.*\) but the model's weight has shape .*different model family"
     ):
-        fuse_lora(v1_pipe.unet, v1_pipe.text_encoder, lora)
+        fuse_lora(models_of(v1_pipe), lora)
 
 
 def test_pickle_is_refused_without_opt_in(files, tmp_path):
@@ -556,7 +580,7 @@ def test_half_precision_fuses_in_float32_then_casts(model_dirs, files, dtype):
     pipe = Img2ImgPipeline.from_pretrained(model_dirs["v1"], dtype=dtype)
     before = {key: value.clone() for key, value in weight_state(pipe).items()}
     lora = load_lora_file(files["v1"]["kohya"])
-    fuse_lora(pipe.unet, pipe.text_encoder, lora, scale=0.7)
+    fuse_lora(models_of(pipe), lora, scale=0.7)
     after = weight_state(pipe)
     for record in lora.records:
         key = (record.component, record.module)

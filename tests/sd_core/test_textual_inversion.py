@@ -154,7 +154,7 @@ def test_a1111_pt_token_is_its_stored_name(tmp_path):
     path = write_a1111_pt(tmp_path / "CharTurner.pt", "charturnerv2", vectors(2, 32, 0))
     emb = load_embedding_file(path, allow_pickle=True)
     assert (emb.name, emb.token, emb.format) == ("charturnerv2", "charturnerv2", "a1111")
-    assert torch.equal(emb.vectors, vectors(2, 32, 0))
+    assert torch.equal(emb.vectors[None], vectors(2, 32, 0))
 
 
 def test_emb_params_file_is_named_after_its_file_stem(tmp_path):
@@ -179,7 +179,7 @@ def test_token_argument_replaces_the_stored_name(tmp_path):
     assert "<cat-toy>" not in tokenizer.get_vocab()
     token_id = tokenizer.convert_tokens_to_ids("<my-tok>")
     assert tokenizer("a <my-tok>").input_ids[2] == token_id
-    assert torch.equal(text_encoder.get_input_embeddings().weight[token_id], emb.vectors[0])
+    assert torch.equal(text_encoder.get_input_embeddings().weight[token_id], emb.vectors[None][0])
 
 
 def test_bare_tensor_loads_under_the_given_token(tmp_path):
@@ -244,11 +244,21 @@ def test_bare_tensor_without_token_is_refused(tmp_path):
         load_embedding_file(tmp_path / "bare.pt", allow_pickle=True)
 
 
-def test_sdxl_embedding_is_refused(tmp_path):
+def test_sdxl_file_holds_one_tensor_per_tower_under_its_file_stem(tmp_path):
     path = write_safetensors(
-        tmp_path / "xl.safetensors", {"clip_l": vectors(2, 768, 0), "clip_g": vectors(2, 1280, 0)}
+        tmp_path / "xl-style.safetensors", {"clip_l": vectors(2, 768, 0), "clip_g": vectors(2, 1280, 1)}
     )
-    with pytest.raises(ValueError, match=r"xl\.safetensors is an SDXL .* not supported yet"):
+    emb = load_embedding_file(path)
+    assert (emb.token, emb.format, emb.num_vectors) == ("xl-style", "sdxl", 2)
+    assert emb.widths == {"clip_l": 768, "clip_g": 1280}
+    assert torch.equal(emb.vectors["clip_g"], vectors(2, 1280, 1))
+
+
+def test_sdxl_file_with_different_vector_counts_is_refused(tmp_path):
+    path = write_safetensors(
+        tmp_path / "xl.safetensors", {"clip_l": vectors(2, 768, 0), "clip_g": vectors(3, 1280, 1)}
+    )
+    with pytest.raises(ValueError, match=r"different numbers of vectors \(clip_l 2, clip_g 3\)"):
         load_embedding_file(path)
 
 
