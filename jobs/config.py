@@ -23,7 +23,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from connectors.manifest import COLUMN_RULES, ColumnRule
+from connectors.manifest import COLUMN_RULES, SDXL_COLUMNS, ColumnRule
 from connectors.storage import RetryPolicy, StorageOptions
 from connectors.uri_policy import root_problem
 
@@ -32,18 +32,12 @@ Problem = tuple[str, str]  # (dotted key path, what is wrong and how to fix it)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 PROMPT_SYNTAXES = ("plain", "a1111")  # sd_core.text_encoder's
-SDXL_NUMBERS = (  # per-row defaults only SDXL reads, checked by their manifest column rules
-    "aesthetic_score",
-    "negative_aesthetic_score",
-    "original_width",
-    "original_height",
-    "crop_top",
-    "crop_left",
-)
+_RULES = {rule.name: rule for rule in COLUMN_RULES}  # per-row limits, shared with manifests
+# per-row numbers only SDXL reads, checked by their manifest column rules
+SDXL_NUMBERS = tuple(name for name in SDXL_COLUMNS if _RULES[name].kind in ("int", "float"))
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cpu", "cuda")
-_RULES = {rule.name: rule for rule in COLUMN_RULES}  # per-row limits, shared with manifests
 
 
 class ConfigError(ValueError):

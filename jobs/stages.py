@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from connectors.image_decode import DecodeOptions, decode_image
 from connectors.image_encode import a1111_parameters, encode_image
 from connectors.image_resize import resize_for_model, target_size
+from connectors.manifest import SDXL_COLUMNS
 from connectors.output import ErrorRecord, OutputSink, errors_table
 from connectors.storage import Storage, StorageError, is_transient
 from jobs.faults import inject_worker_death
@@ -361,14 +362,7 @@ METADATA_FIXED = (
     "guidance_rescale",
     "prompt_syntax",
     "prompt_truncated",
-    "prompt_2",
-    "negative_prompt_2",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-    "original_width",
-    "original_height",
-    "crop_top",
-    "crop_left",
+    *SDXL_COLUMNS,
     "refiner_sha256",
     "refiner_adapters",
     "refiner_switch_at",
@@ -424,17 +418,6 @@ def write_stage(
     )
 
 
-# Work columns the metadata records as realised: the values given, with the defaults the core filled in
-_SDXL_RECORDED = (
-    "prompt_2",
-    "negative_prompt_2",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-    "original_width",
-    "original_height",
-    "crop_top",
-    "crop_left",
-)
 _NOT_EXTRA = (
     frozenset(WORK_COLUMNS) | set(PIXEL_COLUMNS) | {name for name, _ in _DENOISE_COLUMNS} | {"decode_ms"}
 )
@@ -497,7 +480,8 @@ def _metadata_row(
         "prompt_syntax": prompt_syntax,
         "prompt_truncated": row["prompt_truncated"],
         **{name: row[name] for name, _ in _MODEL_COLUMNS},
-        **{name: row[name] for name in _SDXL_RECORDED},
+        # SDXL's as realised: the values given, with the defaults the core filled in
+        **{name: row[name] for name in SDXL_COLUMNS},
     }
     values.update({name: row[name] for name in extras})
     return values

@@ -80,8 +80,9 @@ def metadata_of(storage: Storage, output: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["id"], r["variant"]))
 
 
-def core_image(pipe: Img2ImgPipeline, storage: Storage, row: dict) -> np.ndarray:
-    """What sd_core gives for one metadata row when called directly, as uint8 pixels."""
+def core_image(pipe: Img2ImgPipeline, storage: Storage, row: dict, **extra) -> np.ndarray:
+    """What sd_core gives for one metadata row when called directly, as uint8 pixels; `extra`: more of
+    the call's keyword arguments (per-row lists of one)."""
     import torch
 
     image = PIL.Image.open(io.BytesIO(storage.read_bytes(row["input"]))).convert("RGB")
@@ -91,12 +92,13 @@ def core_image(pipe: Img2ImgPipeline, storage: Storage, row: dict) -> np.ndarray
     out = pipe(
         tensor,
         [row["prompt"]],
-        negative_prompts=[row["negative_prompt"] or ""],
+        negative_prompts=[row["negative_prompt"] or None],  # as the job passes an empty one: none
         strength=row["strength"],
         guidance_scale=row["guidance_scale"],
         num_inference_steps=row["num_inference_steps"],
         seeds=[row["seed"]],
         output_type="np",
+        **extra,
     )
     return to_uint8(np.asarray(out))[0]
 

@@ -11,16 +11,22 @@ import PIL.Image
 import pyarrow as pa
 import pytest
 
-from connectors.image_resize import resize_for_model, target_size
 from connectors.output import OutputSink
 from connectors.storage import join_uri
 from jobs.img2img import EXIT_OK
 from jobs.plan import PlanError, make_plan
-from jobs.stages import to_uint8
 from jobs.verify import verify_output
 from sd_core import Img2ImgPipeline
 from sd_core.ensemble import ExpertEnsemble
-from tests.jobs.test_img2img import make_config, metadata_of, png_bytes, run_job, s3_job, write_manifest
+from tests.jobs.test_img2img import (
+    core_image,
+    make_config,
+    metadata_of,
+    png_bytes,
+    run_job,
+    s3_job,
+    write_manifest,
+)
 
 __all__ = ["s3_job"]  # the fixture, shared with test_img2img
 
@@ -64,28 +70,16 @@ def sdxl_manifest(storage, root: str) -> str:
 
 
 def expected_image(ensemble: ExpertEnsemble, storage, row: dict) -> np.ndarray:
-    """The core called directly on one metadata row's input and settings."""
-    import torch
-
-    image = PIL.Image.open(io.BytesIO(storage.read_bytes(row["input"]))).convert("RGB")
-    width, height = target_size(image.size, None, None)
-    image = resize_for_model(image, width, height, "just_resize")
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255)
-    out = ensemble(
-        tensor,
-        [row["prompt"]],
-        negative_prompts=[row["negative_prompt"] or None],
-        strength=row["strength"],
-        guidance_scale=row["guidance_scale"],
-        num_inference_steps=row["num_inference_steps"],
-        seeds=[row["seed"]],
-        output_type="np",
+    """The core called directly on one metadata row's input and (realised) settings."""
+    return core_image(
+        ensemble,
+        storage,
+        row,
         prompts_2=[row["prompt_2"] or None],
         aesthetic_score=[row["aesthetic_score"]],
         original_size=[(row["original_height"], row["original_width"])],
         crops_coords_top_left=[(row["crop_top"], row["crop_left"])],
     )
-    return to_uint8(np.asarray(out))[0]
 
 
 def test_sdxl_with_a_refiner_on_s3_matches_the_core(s3_job, single_files, tmp_path):
@@ -176,3 +170,32 @@ def test_sdxl_columns_on_an_sd1_run_are_refused_before_any_work(s3_job, model_di
     manifest = sdxl_manifest(storage, root)
     with pytest.raises(PlanError, match=r"(?s)SD 1\.x \(v1\).*column .prompt_2. has values in 4 rows"):
         make_plan(make_config(model, manifest, join_uri(root, "out"), endpoint))
+
+
+def test_sdxl_augmentation_needs_no_new_flags(ray_driver, xl_model_dirs, tmp_path):
+    """`sdbatch augment` on an SDXL model: the same policy and flags as for SD 1.x; the manifest's
+    prompt_2 column reaches the second text encoder and is recorded."""
+    from connectors.storage import Storage
+    from jobs.augment import partitioned
+    from jobs.config import load_config
+    from jobs.img2img import run
+    from tests.jobs.test_augment import POLICY, job_settings
+
+    storage = Storage()
+    root = str(tmp_path)
+    for i in range(2):
+        storage.write_bytes(join_uri(root, "inputs", f"{i}.png"), png_bytes(i, 64, 64))
+    manifest = write_manifest(
+        storage,
+        root,
+        pa.table({"id": ["a", "b"], "image": ["inputs/0.png", "inputs/1.png"], "label": ["cat", "dog"],
+                  "place": ["Oslo", "Lima"], "prompt_2": ["film grain", None]}),
+    )
+    settings = job_settings(str(xl_model_dirs["xl_base"]), manifest, join_uri(root, "out"))
+    settings.update({"augment.variants": 2, "augment.prompts": POLICY["augment.prompts"]})
+    config = partitioned(load_config(None, flags=settings), "ds=2026-12-03")
+    summary = run(make_plan(config))
+    assert summary["exit_code"] == EXIT_OK and summary["images"] == 4, summary
+    rows = metadata_of(storage, config.output)
+    assert {r["family"] for r in rows} == {"xl_base"}
+    assert sorted((r["id"], r["prompt_2"]) for r in rows) == [("a", "film grain")] * 2 + [("b", None)] * 2
