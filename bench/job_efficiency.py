@@ -111,9 +111,9 @@ def core_loop(config: Any, root: Path, rows: int, out: Path) -> dict[str, Any]:
     from connectors.image_decode import decode_image
     from connectors.image_encode import a1111_parameters, encode_image
     from connectors.image_resize import resize_for_model, target_size
+    from jobs.denoise_stage import to_uint8
     from jobs.model_setup import PipelineFactory
     from jobs.rows import derived_seed
-    from jobs.stages import to_uint8
 
     started = time.perf_counter()
     pipe, info = PipelineFactory(config)()
@@ -188,7 +188,7 @@ def run_job(config: Any) -> dict[str, Any]:
 def compare_outputs(storage: Any, output: str, core_out: Path, limit: int = 8) -> int:
     """Largest per-pixel difference (0-255) between the job's images and the core loop's, first rows."""
     from connectors.output import OutputSink
-    from jobs.stages import png_pixels
+    from jobs.write_stage import png_pixels
 
     rows = OutputSink(storage, output).read_metadata().to_pylist()
     worst = 0

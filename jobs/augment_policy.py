@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.manifest import PROMPT_MAX_LENGTH
-from jobs.config import AugmentConfig, SampledValue, template_fields
+from jobs.augment_config import AugmentConfig, SampledValue, template_fields
 
 
 class TemplateError(ValueError):

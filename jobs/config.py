@@ -11,151 +11,56 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
-import string
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
-from connectors.manifest import COLUMN_RULES, SDXL_COLUMNS, ColumnRule
+from connectors.manifest import SDXL_COLUMNS
 from connectors.storage import RetryPolicy, StorageOptions
 from connectors.uri_policy import root_problem
+from jobs.augment_config import AugmentConfig
+from jobs.config_checks import (
+    RULES,
+    Checked,
+    ConfigError,
+    Problem,
+    bounds,
+    choice,
+    column_rule,
+    described,
+    did_you_mean,
+    not_empty,
+    text_length,
+)
+from jobs.config_sources import (
+    override_origin,
+    parse_embedding_flag,
+    parse_lora_flag,
+    parse_override,
+    parse_scalar,
+    put_value,
+    read_yaml,
+)
 
 T = TypeVar("T")
-Problem = tuple[str, str]  # (dotted key path, what is wrong and how to fix it)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 PROMPT_SYNTAXES = ("plain", "a1111")  # sd_core.text_encoder's
-_RULES = {rule.name: rule for rule in COLUMN_RULES}  # per-row limits, shared with manifests
 # per-row numbers only SDXL reads, checked by their manifest column rules
-SDXL_NUMBERS = tuple(name for name in SDXL_COLUMNS if _RULES[name].kind in ("int", "float"))
+SDXL_NUMBERS = tuple(name for name in SDXL_COLUMNS if RULES[name].kind in ("int", "float"))
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; `problems` holds (key path, message) for each thing wrong."""
-
-    def __init__(
-        self,
-        problems: str | Sequence[Problem],
-        source: str | None = None,
-        origins: Mapping[str, str] | None = None,
-    ):
-        listed = (("", problems),) if isinstance(problems, str) else problems
-        self.problems: tuple[Problem, ...] = tuple(listed)
-        self.source = source
-        super().__init__(_format_problems(self.problems, source, origins or {}))
-
-
-def _format_problems(problems: Sequence[Problem], source: str | None, origins: Mapping[str, str]) -> str:
-    lines = [f"invalid configuration{f' in {source}' if source else ''}:"]
-    for key, message in problems:
-        origin = _origin_of(key, origins)
-        label = f"{key} (from {origin})" if key and origin else key
-        lines.append(f"  - {label}: {message}" if label else f"  - {message}")
-    return "\n".join(lines)
-
-
-def _origin_of(key: str, origins: Mapping[str, str]) -> str | None:
-    """The override or flag that set `key` or the section holding it; None when the value is the file's."""
-    while key:
-        if key in origins:
-            return origins[key]
-        key = key[: max(key.rfind("."), key.rfind("["), 0)]
-    return None
-
-
-# -- validation helpers ------------------------------------------------------------------------------
-
-
-def _bounds(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    multiple_of: int | None = None,
-    expected: str = "",
-) -> Iterator[Problem]:
-    """A problem when `value` is not finite, outside [low, high] or not a multiple of `multiple_of`."""
-    broken = (
-        not math.isfinite(value)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-        or (multiple_of is not None and value % multiple_of != 0)
-    )
-    if broken:
-        yield name, f"must be {expected or _expected(value, low, high, multiple_of)}, got {value!r}"
-
-
-def _expected(value: float, low: float | None, high: float | None, multiple_of: int | None) -> str:
-    if low is not None and high is not None:
-        text = f"in {low}..{high}" if isinstance(value, int) else f"in [{low}, {high}]"
-    elif low is not None:
-        text = f">= {low}"
-    elif high is not None:
-        text = f"<= {high}"
-    else:
-        text = "a finite number"
-    return f"a multiple of {multiple_of} {text}" if multiple_of else text
-
-
-def _choice(name: str, value: str, choices: Sequence[str]) -> Iterator[Problem]:
-    if value not in choices:
-        suggestion = _did_you_mean(value, choices)
-        yield name, f"unknown value {value!r}{suggestion}; choose one of {', '.join(choices)}"
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _rule(name: str, value: Any) -> Iterator[Problem]:
-    """Check a per-row default against the manifest column rule of the same name."""
-    rule: ColumnRule = _RULES[name]
-    if rule.choices:
-        yield from _choice(name, value, rule.choices)
-    else:
-        yield from _bounds(name, value, rule.low, rule.high, rule.multiple_of, rule.expected)
-
-
-def _length(name: str, value: str | None) -> Iterator[Problem]:
-    """Check a per-row default text against the manifest column's max_length."""
-    rule: ColumnRule = _RULES[name]
-    if value is not None and rule.max_length is not None and len(value) > rule.max_length:
-        yield name, rule.length_problem(len(value))
-
-
-def _not_empty(name: str, value: str) -> Iterator[Problem]:
-    if not value.strip():
-        yield name, "must not be empty"
-
-
-class _Checked:
-    """Validates on construction: an instance that exists is a valid one."""
-
-    def __post_init__(self) -> None:
-        problems = list(self._problems())
-        if problems:
-            raise ConfigError(problems)
-
-    def _problems(self) -> Iterator[Problem]:
-        return iter(())
 
 
 # -- the configuration -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Checked):
+class ModelConfig(Checked):
     path: str  # local path or URI of a diffusers folder or a single .safetensors checkpoint
     scheduler: str | None = None  # a name from sd_core.schedulers.SCHEDULER_NAMES; None = the model's own
     dtype: str = "auto"  # one of DTYPES; auto = bfloat16 on GPU, float32 on CPU
@@ -167,45 +72,45 @@ class ModelConfig(_Checked):
     compile: bool = False  # torch.compile the UNet (a speed setting: left out of the fingerprint)
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _not_empty("path", self.path)
+        yield from not_empty("path", self.path)
         if self.scheduler is not None:
             yield from _scheduler_problems(self.scheduler)
-        yield from _choice("dtype", self.dtype, DTYPES)
+        yield from choice("dtype", self.dtype, DTYPES)
         if self.vae_dtype is not None:
-            yield from _choice("vae_dtype", self.vae_dtype, DTYPES)
+            yield from choice("vae_dtype", self.vae_dtype, DTYPES)
         if self.prediction_type is not None:
-            yield from _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        yield from _bounds("clip_skip", self.clip_skip, low=1)
+            yield from choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        yield from bounds("clip_skip", self.clip_skip, low=1)
 
 
 def _scheduler_problems(name: str) -> Iterator[Problem]:
     from sd_core.schedulers import SCHEDULER_NAMES  # imported here: it loads torch, which --dry-run avoids
 
-    yield from _choice("scheduler", name, SCHEDULER_NAMES)
+    yield from choice("scheduler", name, SCHEDULER_NAMES)
 
 
 @dataclass(frozen=True)
-class LoraConfig(_Checked):
+class LoraConfig(Checked):
     path: str  # local path or URI of a LoRA file (kohya/A1111 or PEFT/diffusers layout)
     scale: float = 1.0  # strength of the UNet deltas
     text_encoder_scale: float | None = None  # strength of the text-encoder deltas; None = scale
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _not_empty("path", self.path)
-        yield from _bounds("scale", self.scale)
+        yield from not_empty("path", self.path)
+        yield from bounds("scale", self.scale)
         if self.text_encoder_scale is not None:
-            yield from _bounds("text_encoder_scale", self.text_encoder_scale)
+            yield from bounds("text_encoder_scale", self.text_encoder_scale)
 
 
 @dataclass(frozen=True)
-class EmbeddingConfig(_Checked):
+class EmbeddingConfig(Checked):
     path: str  # local path or URI of a textual-inversion embedding
     token: str | None = None  # the prompt token; None = the one stored in the file
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _not_empty("path", self.path)
+        yield from not_empty("path", self.path)
         if self.token is not None:
-            yield from _not_empty("token", self.token)
+            yield from not_empty("token", self.token)
 
 
 @dataclass(frozen=True)
@@ -215,7 +120,7 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
-class RefinerConfig(_Checked):
+class RefinerConfig(Checked):
     """SDXL's refiner: it takes over the schedule at `switch_at` (the fraction of the steps the base runs,
     diffusers' denoising_end/denoising_start), in the same actor, on the same sampler and step count."""
 
@@ -225,14 +130,14 @@ class RefinerConfig(_Checked):
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)  # the refiner's own
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _not_empty("path", self.path)
+        yield from not_empty("path", self.path)
         if not 0.0 < self.switch_at < 1.0:
             share = "the base's share of the schedule"
             yield "switch_at", f"must lie strictly between 0 and 1 ({share}), got {self.switch_at!r}"
 
 
 @dataclass(frozen=True)
-class RowDefaults(_Checked):
+class RowDefaults(Checked):
     """Per-row values used where the manifest lacks the column or the row holds null."""
 
     prompt: str | None = None  # None: a row without a prompt is an error
@@ -263,23 +168,23 @@ class RowDefaults(_Checked):
 
     def _problems(self) -> Iterator[Problem]:
         for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
-            yield from _length(name, getattr(self, name))
+            yield from text_length(name, getattr(self, name))
         for name in ("strength", "guidance_scale", "num_inference_steps", "num_images", "resize_mode"):
-            yield from _rule(name, getattr(self, name))
-        yield from _rule("guidance_rescale", self.guidance_rescale)
+            yield from column_rule(name, getattr(self, name))
+        yield from column_rule("guidance_rescale", self.guidance_rescale)
         for name in ("width", "height", *SDXL_NUMBERS):
             if getattr(self, name) is not None:
-                yield from _rule(name, getattr(self, name))
-        yield from _choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
+                yield from column_rule(name, getattr(self, name))
+        yield from choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
         if (self.original_width is None) != (self.original_height is None):
             yield "original_width", "original_width and original_height go together: set both or neither"
-        yield from _bounds("eta", self.eta, low=0.0, high=1.0)
-        yield from _choice("output_format", self.output_format, OUTPUT_FORMATS)
-        yield from _bounds("quality", self.quality, low=1, high=100)
+        yield from bounds("eta", self.eta, low=0.0, high=1.0)
+        yield from choice("output_format", self.output_format, OUTPUT_FORMATS)
+        yield from bounds("quality", self.quality, low=1, high=100)
 
 
 @dataclass(frozen=True)
-class ComputeConfig(_Checked):
+class ComputeConfig(Checked):
     batch_size: int = 4  # images per UNet batch
     rows_per_call: int | None = None  # rows sent to one actor call, grouped by shape there; None = 4x batch
     actors_min: int = 1  # size of the actor pool (Ray autoscales between min and max)
@@ -295,36 +200,36 @@ class ComputeConfig(_Checked):
         return self.rows_per_call if self.rows_per_call is not None else 4 * self.batch_size
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _bounds("batch_size", self.batch_size, low=1)
+        yield from bounds("batch_size", self.batch_size, low=1)
         if self.rows_per_call is not None:
-            yield from _bounds("rows_per_call", self.rows_per_call, low=1)
-        yield from _bounds("rows_per_part", self.rows_per_part, low=1)
-        yield from _bounds("actors_min", self.actors_min, low=1)
+            yield from bounds("rows_per_call", self.rows_per_call, low=1)
+        yield from bounds("rows_per_part", self.rows_per_part, low=1)
+        yield from bounds("actors_min", self.actors_min, low=1)
         at_least_min = f">= actors_min ({self.actors_min})"
-        yield from _bounds("actors_max", self.actors_max, low=self.actors_min, expected=at_least_min)
-        yield from _bounds("gpus_per_actor", self.gpus_per_actor, low=0)
-        yield from _bounds("cpus_per_actor", self.cpus_per_actor, low=0)
-        yield from _choice("device", self.device, DEVICES)
+        yield from bounds("actors_max", self.actors_max, low=self.actors_min, expected=at_least_min)
+        yield from bounds("gpus_per_actor", self.gpus_per_actor, low=0)
+        yield from bounds("cpus_per_actor", self.cpus_per_actor, low=0)
+        yield from choice("device", self.device, DEVICES)
         if self.device == "cuda" and self.gpus_per_actor == 0:
             yield "device", "cuda needs gpus_per_actor > 0; set gpus_per_actor or use device: cpu"
 
 
 @dataclass(frozen=True)
-class RetryConfig(_Checked):
+class RetryConfig(Checked):
     retry_rounds: int = 2  # extra passes for rows that failed retryably or never committed (last at batch 1)
     max_task_retries: int = 1  # Ray retries of a task whose actor died
     storage_attempts: int = 6  # tries of one storage operation on transient errors
     storage_budget_s: float = 120.0  # seconds one storage operation may spend retrying
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _bounds("retry_rounds", self.retry_rounds, low=0)
-        yield from _bounds("max_task_retries", self.max_task_retries, low=0)
-        yield from _bounds("storage_attempts", self.storage_attempts, low=1)
-        yield from _bounds("storage_budget_s", self.storage_budget_s, low=0)
+        yield from bounds("retry_rounds", self.retry_rounds, low=0)
+        yield from bounds("max_task_retries", self.max_task_retries, low=0)
+        yield from bounds("storage_attempts", self.storage_attempts, low=1)
+        yield from bounds("storage_budget_s", self.storage_budget_s, low=0)
 
 
 @dataclass(frozen=True)
-class StorageConfig(_Checked):
+class StorageConfig(Checked):
     """How storage is reached; credentials never go here (see connectors.storage)."""
 
     endpoint_url: str | None = None  # S3-compatible stores: SeaweedFS, MinIO, R2, ...
@@ -333,7 +238,7 @@ class StorageConfig(_Checked):
     max_pool_connections: int = 64
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _bounds("max_pool_connections", self.max_pool_connections, low=1)
+        yield from bounds("max_pool_connections", self.max_pool_connections, low=1)
         if self.anonymous and self.profile is not None:
             yield "anonymous", "anonymous access uses no profile; set anonymous: false or remove profile"
 
@@ -349,7 +254,7 @@ class StorageConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class InputsConfig(_Checked):
+class InputsConfig(Checked):
     """Where manifest rows may read their images: a manifest is user data, these limits are the operator's
     (rules in connectors.uri_policy). Inline image bytes are always allowed."""
 
@@ -360,93 +265,6 @@ class InputsConfig(_Checked):
             problem = root_problem(root)
             if problem is not None:
                 yield f"allowed_roots[{index}]", problem
-
-
-@dataclass(frozen=True)
-class SampledValue(_Checked):
-    """A value drawn per variant: one of `values` (a single value = fixed), or uniform in [low, high]."""
-
-    values: tuple[float, ...] = ()
-    low: float | None = None
-    high: float | None = None
-
-    @property
-    def given(self) -> bool:
-        return bool(self.values) or self.low is not None
-
-    def _problems(self) -> Iterator[Problem]:
-        ranged = (self.low is not None, self.high is not None)
-        if self.values and any(ranged):
-            yield "", "give either values (to choose from) or low and high (a uniform range), not both"
-        elif ranged[0] != ranged[1]:
-            yield "", "a uniform range needs both low and high"
-        elif self.low is not None and self.high is not None and self.low > self.high:
-            yield "", f"low ({self.low}) must be <= high ({self.high})"
-
-    def limits(self) -> tuple[float, ...]:
-        """The values any draw lies between or among (for checking them against the column rule)."""
-        return self.values if self.values else tuple(v for v in (self.low, self.high) if v is not None)
-
-
-@dataclass(frozen=True)
-class Substitution:
-    """Where manifest column `column` holds `value`, its placeholder becomes `text` (e.g. a TI token)."""
-
-    column: str
-    value: str
-    text: str
-
-
-@dataclass(frozen=True)
-class AugmentConfig(_Checked):
-    """Dataset augmentation (`sdbatch augment`): each manifest row becomes `variants` images whose prompt,
-    negative prompt, strength and guidance are drawn per variant, stably from (run seed, id, variant)."""
-
-    variants: int = 0  # images per manifest row; 0 = augmentation off
-    prompts: tuple[str, ...] = ()  # templates, `{column}` filled from the row; one drawn per variant
-    negative_prompts: tuple[str, ...] = ()  # templates too; () = the row's or defaults' negative prompt
-    strength: SampledValue = field(default_factory=SampledValue)  # not given: the row's or defaults'
-    guidance_scale: SampledValue = field(default_factory=SampledValue)
-    substitutions: tuple[Substitution, ...] = ()  # column values replaced before filling templates
-
-    @property
-    def enabled(self) -> bool:
-        return self.variants > 0
-
-    def template_columns(self) -> list[str]:
-        """Manifest columns the templates read, in order of first use."""
-        names = [name for text in self.prompts + self.negative_prompts for name in template_fields(text)]
-        return list(dict.fromkeys(names))
-
-    def _problems(self) -> Iterator[Problem]:
-        yield from _bounds("variants", self.variants, low=0, high=64)
-        for key, templates in (("prompts", self.prompts), ("negative_prompts", self.negative_prompts)):
-            for index, text in enumerate(templates):
-                yield from ((f"{key}[{index}]", problem) for problem in _template_problems(text))
-        for name in ("strength", "guidance_scale"):
-            for value in getattr(self, name).limits():
-                yield from ((f"{name}", message) for _, message in _rule(name, value))
-        if self.variants and not self.prompts and self.substitutions:
-            yield "substitutions", "substitutions fill prompt templates: add prompts, or remove them"
-
-
-def template_fields(template: str) -> list[str]:
-    """The `{column}` names a prompt template uses, in order (with repeats)."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
-def _template_problems(template: str) -> Iterator[str]:
-    """A template may hold `{column}` placeholders (plain names) and `{{`/`}}` for literal braces."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as error:
-        yield f"{error} in {template!r}; write {{{{ and }}}} for literal braces"
-        return
-    for _, name, spec, conversion in parsed:
-        if name is not None and (not name.isidentifier() or spec or conversion):
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            yield f"placeholder {shown} in {template!r}: use a plain manifest column name, e.g. {{label}}"
-    yield from _length("prompt", template)
 
 
 _OUTPUT_SHAPING = ("model", "refiner", "adapters", "defaults", "seed", "augment")  # what fingerprint() covers
@@ -462,7 +280,7 @@ _LATER_DEFAULTS = {
 
 
 @dataclass(frozen=True)
-class RunConfig(_Checked):
+class RunConfig(Checked):
     manifest: str  # Parquet file, directory, glob or hive prefix
     output: str  # output root URI
     model: ModelConfig
@@ -482,13 +300,13 @@ class RunConfig(_Checked):
     contact_sheet_rows: int = 16  # rows on the contact sheet; 0 = none
 
     def _problems(self) -> Iterator[Problem]:
-        yield from _not_empty("manifest", self.manifest)
-        yield from _not_empty("output", self.output)
-        yield from _bounds("seed", self.seed, _RULES["seed"].low, _RULES["seed"].high)
-        yield from _bounds("max_error_rate", self.max_error_rate, low=0.0, high=1.0)
+        yield from not_empty("manifest", self.manifest)
+        yield from not_empty("output", self.output)
+        yield from bounds("seed", self.seed, RULES["seed"].low, RULES["seed"].high)
+        yield from bounds("max_error_rate", self.max_error_rate, low=0.0, high=1.0)
         if self.log_every_s <= 0:
             yield "log_every_s", f"must be > 0, got {self.log_every_s!r}"
-        yield from _bounds("contact_sheet_rows", self.contact_sheet_rows, low=0)
+        yield from bounds("contact_sheet_rows", self.contact_sheet_rows, low=0)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready copy for `_run.json` and logs (the config holds no secrets by design)."""
@@ -561,13 +379,13 @@ def _build_scalar(hint: type, value: Any, where: str, problems: list[Problem]) -
         return value
     quote = hint is str and (numeric or isinstance(value, bool))
     fix = " (quote it in YAML to keep it text)" if quote else ""
-    problems.append((where, f"expected {_TYPE_NAMES[hint]}, got {_describe(value)}{fix}"))
+    problems.append((where, f"expected {_TYPE_NAMES[hint]}, got {described(value)}{fix}"))
     return _INVALID
 
 
 def _build_tuple(item_hint: Any, value: Any, where: str, problems: list[Problem]) -> Any:
     if not isinstance(value, (list, tuple)):
-        problems.append((where, f"expected a list, got {_describe(value)}"))
+        problems.append((where, f"expected a list, got {described(value)}"))
         return _INVALID
     items = tuple(_build(item_hint, item, f"{where}[{i}]", problems) for i, item in enumerate(value))
     return _INVALID if any(item is _INVALID for item in items) else items
@@ -578,7 +396,7 @@ def _build_dataclass(cls: type, value: Any, where: str, problems: list[Problem])
     if value is None:  # an empty YAML section (`model:`) means "all defaults"
         value = {}
     if not isinstance(value, Mapping):
-        problems.append((where, f"expected a section with keys {', '.join(names)}, got {_describe(value)}"))
+        problems.append((where, f"expected a section with keys {', '.join(names)}, got {described(value)}"))
         return _INVALID
     found = len(problems)
     problems.extend(_unknown_keys(value, names, where))
@@ -613,7 +431,7 @@ def _unknown_keys(value: Mapping, names: Sequence[str], where: str) -> Iterator[
         if key not in names:
             yield (
                 _join(where, str(key)),
-                f"unknown key{_did_you_mean(key, names)}; valid keys here: {', '.join(names)}",
+                f"unknown key{did_you_mean(key, names)}; valid keys here: {', '.join(names)}",
             )
 
 
@@ -623,15 +441,6 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "a section (mapping)"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- file, overrides, flags --------------------------------------------------------------------------
@@ -645,116 +454,21 @@ def load_config(
     """Read the YAML file at `path` (None: flags give everything), apply `--set KEY=VALUE` overrides, then
     `flags` ({dotted key path: value}; None values are skipped, lists for the _APPENDED keys are
     appended to the file's), and build a validated RunConfig."""
-    data = _read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else {}
     origins: dict[str, str] = {}
     for text in overrides:
-        key, value = _parse_override(text)
-        origin = _override_origin(key, text)
-        origins.update(dict.fromkeys(_put(data, key, value, origin), origin))
+        key, value = parse_override(text)
+        origin = override_origin(key, text)
+        origins.update(dict.fromkeys(put_value(data, key, value, origin), origin))
     for key, value in (flags or {}).items():
         if value is not None:
             origin = _FLAG_NAMES.get(key, f"flag {key}")
-            origins.update(dict.fromkeys(_put(data, key, value, origin, append=key in _APPENDED), origin))
+            keys = put_value(data, key, value, origin, append=key in _APPENDED)
+            origins.update(dict.fromkeys(keys, origin))
     try:
         return from_dict(RunConfig, data)
     except ConfigError as error:
         raise ConfigError(error.problems, source=path, origins=origins) from None
-
-
-_SECRET_WORDS = ("secret", "passw", "token", "credential", "access_key", "private_key", "api_key")
-
-
-def _override_origin(key: str, text: str) -> str:
-    """How messages name a `--set` override: quoted whole, but a value under a secret-looking key is masked
-    (credentials are refused anyway and must not reach logs on the way)."""
-    if any(word in key.lower() for word in _SECRET_WORDS):
-        return f"--set {key}=***"
-    return f"--set {text}"
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = yaml.safe_load(file)
-    except FileNotFoundError:
-        raise ConfigError("config file not found; check the --config path", source=path) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", source=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of settings at the top, got {_describe(data)}", source=path)
-    return data
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or not all(key.split(".")):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. compute.batch_size=8")
-    return key, parse_scalar(raw)
-
-
-def parse_scalar(text: str) -> Any:
-    """A YAML scalar (`8` -> 8, `true` -> True, `null` -> None); text YAML would read as a list or a
-    mapping (a prompt holding ': ') stays text."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return text if isinstance(value, (dict, list)) else value
-
-
-def _put(data: dict[str, Any], key: str, value: Any, origin: str, append: bool = False) -> list[str]:
-    """Set dotted `key` in nested `data` (or extend the list there); returns the key paths it set."""
-    *sections, leaf = key.split(".")
-    node = data
-    for depth, name in enumerate(sections):
-        if node.get(name) is None:
-            node[name] = {}
-        node = node[name]
-        if not isinstance(node, dict):
-            where = ".".join(sections[: depth + 1])
-            raise ConfigError(f"{origin}: {where} is {_describe(node)}, not a section; fix the file or key")
-    if not append:
-        node[leaf] = value
-        return [key]
-    existing = node.get(leaf) or []
-    if not isinstance(existing, list):
-        raise ConfigError(f"{origin}: {key} is {_describe(existing)} in the file, not a list")
-    node[leaf] = [*existing, *value]
-    return [f"{key}[{i}]" for i in range(len(existing), len(node[leaf]))]
-
-
-def parse_lora_flag(text: str) -> dict[str, Any]:
-    """`PATH[:SCALE]`: the last ':' splits off a scale only when a number follows, so URIs keep theirs."""
-    path, scale = _split_suffix(text, "--lora", _is_float)
-    return {"path": path} if scale is None else {"path": path, "scale": float(scale)}
-
-
-def parse_embedding_flag(text: str) -> dict[str, Any]:
-    """`PATH[:TOKEN]`: the last ':' splits off a token only when no '/' follows (s3://b/x.pt has one)."""
-    path, token = _split_suffix(text, "--embedding", lambda tail: "/" not in tail)
-    return {"path": path} if token is None else {"path": path, "token": token}
-
-
-def _split_suffix(text: str, flag: str, is_suffix: Callable[[str], bool]) -> tuple[str, str | None]:
-    head, sep, tail = text.rpartition(":")
-    if sep and not tail:
-        raise ConfigError(f"{flag} {text!r}: nothing follows the last ':'; remove it or add the value")
-    if not sep or not is_suffix(tail):
-        head, tail = text, None
-    if not head.strip():
-        raise ConfigError(f"{flag} {text!r}: the path is empty; expected PATH or PATH:VALUE")
-    return head, tail
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _as_given(value: Any) -> Any:

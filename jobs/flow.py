@@ -18,9 +18,11 @@ from connectors.manifest import Manifest
 from connectors.output import OutputSink
 from connectors.storage import Storage
 from jobs.config import RunConfig
+from jobs.denoise_stage import Denoiser
 from jobs.model_setup import PipelineFactory, core_clip_skip
 from jobs.rows import expand_rows
-from jobs.stages import Denoiser, decode_stage, write_stage
+from jobs.stages import decode_stage
+from jobs.write_stage import write_stage
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +45,6 @@ class PipelineFactory:
 
     def __call__(self) -> tuple[Any, dict[str, Any]]:
         import torch
-
-        from jobs.stages import adapters_json
 
         config = self.config
         storage = Storage(config.storage.to_options(config.retry))
@@ -137,4 +137,21 @@ def _warm_up(pipe: Any, config: RunConfig) -> None:
         seeds=list(range(rows)),
         guidance_scale=config.defaults.guidance_scale if config.model.compile else 2.0,
         clip_skip=core_clip_skip(config.model.clip_skip),
+    )
+
+
+def adapters_json(adapters: Sequence[Any]) -> str:
+    """The pinned adapters as a compact JSON list for metadata (kind, name, sha256, scales, tokens)."""
+    return json.dumps(
+        [
+            {
+                "kind": a.kind,
+                "name": a.name,
+                "sha256": a.sha256,
+                "scales": dict(a.scales),  # component -> scale applied
+                "tokens": list(a.tokens) if a.tokens else [],
+            }
+            for a in adapters
+        ],
+        sort_keys=True,
     )

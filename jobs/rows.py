@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 from connectors.manifest import KNOWN_COLUMNS, resolve_image_uri, row_problems
 from connectors.output import key_strings
 from connectors.uri_policy import check_allowed
+from jobs.augment_config import AugmentConfig
 from jobs.augment_policy import TemplateError, realise
-from jobs.config import AugmentConfig, RowDefaults
+from jobs.config import RowDefaults
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
 _SDXL_NUMBERS = (

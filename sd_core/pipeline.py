@@ -25,7 +25,7 @@ from sd_core.images import images_to_tensor, tensor_to_output
 from sd_core.loading import ModelParts, load_model_parts
 from sd_core.micro_conditioning import resolved_values, time_ids
 from sd_core.prompt_encoder import PromptEncoder
-from sd_core.schedulers import SCHEDULER_NAMES, make_scheduler
+from sd_core.schedulers import default_scheduler_name, make_scheduler
 from sd_core.schedulers.run import randn_rows
 from sd_core.speed import compile_forward, distinct_rows, set_memory_format
 from sd_core.text_encoder import TowerEncoder, build_text_encoder
@@ -33,31 +33,9 @@ from sd_core.unet import UNet, UNetConfig
 from sd_core.vae import AutoencoderKL, VAEConfig
 from sd_core.weights import load_checked
 
-_SCHEDULER_BY_CLASS = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "LMSDiscreteScheduler": "lms",
-    "UniPCMultistepScheduler": "unipc",
-}
-
 
 class NonFiniteOutputError(RuntimeError):
     """The denoiser or the VAE produced NaN/Inf (or an all-black image from them)."""
-
-
-def default_scheduler_name(config: dict) -> str:
-    """Our name for the scheduler a model ships with."""
-    cls = config.get("_class_name", "")
-    if cls == "DPMSolverMultistepScheduler":
-        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
-    if cls not in _SCHEDULER_BY_CLASS:
-        raise ValueError(
-            f"the model's scheduler {cls or '(unnamed)'} has no sdbatch equivalent; "
-            f"pass scheduler= one of {', '.join(SCHEDULER_NAMES)}"
-        )
-    return _SCHEDULER_BY_CLASS[cls]
 
 
 def _build(module_cls, config, weights: dict[str, torch.Tensor], name: str) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 _LOOPBACK = "127.0.0.1"
-POISON_PROMPT = "__sdbatch_test_poison__"  # a row with this prompt kills its worker (see jobs/stages.py)
+POISON_PROMPT = "__sdbatch_test_poison__"  # a row with this prompt kills its worker (see jobs/faults.py)
 
 
 def _free_ports(count: int) -> list[int]:

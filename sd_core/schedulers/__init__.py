@@ -7,6 +7,13 @@ Usage: `sched = make_scheduler("euler_a", scheduler_config_dict)`,
 
 from sd_core.schedulers.config import SchedulerConfig
 from sd_core.schedulers.run import SchedulerRun
-from sd_core.schedulers.scheduler import SCHEDULER_NAMES, Scheduler, make_scheduler
+from sd_core.schedulers.scheduler import SCHEDULER_NAMES, Scheduler, default_scheduler_name, make_scheduler
 
-__all__ = ["SCHEDULER_NAMES", "Scheduler", "SchedulerConfig", "SchedulerRun", "make_scheduler"]
+__all__ = [
+    "SCHEDULER_NAMES",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerRun",
+    "default_scheduler_name",
+    "make_scheduler",
+]

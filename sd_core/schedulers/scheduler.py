@@ -92,3 +92,26 @@ def make_scheduler(name: str, config_dict: Mapping[str, Any]) -> Scheduler:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     sampler = _SAMPLERS[name]
     return Scheduler(name, resolve_config(sampler.config_type, config_dict, sampler.overrides))
+
+
+_SCHEDULER_BY_CLASS = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LMSDiscreteScheduler": "lms",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+def default_scheduler_name(config: dict) -> str:
+    """Our name for the scheduler a model ships with."""
+    cls = config.get("_class_name", "")
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if config.get("use_karras_sigmas") else "dpmpp_2m"
+    if cls not in _SCHEDULER_BY_CLASS:
+        raise ValueError(
+            f"the model's scheduler {cls or '(unnamed)'} has no sdbatch equivalent; "
+            f"pass scheduler= one of {', '.join(SCHEDULER_NAMES)}"
+        )
+    return _SCHEDULER_BY_CLASS[cls]

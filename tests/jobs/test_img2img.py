@@ -16,10 +16,11 @@ from connectors.image_resize import resize_for_model, target_size
 from connectors.output import OutputSink
 from connectors.storage import Storage, StorageOptions, join_uri
 from jobs.config import load_config
+from jobs.denoise_stage import to_uint8
 from jobs.img2img import EXIT_OK, run
 from jobs.plan import make_plan
-from jobs.stages import png_pixels, to_uint8
 from jobs.verify import verify_output
+from jobs.write_stage import png_pixels
 from sd_core import Img2ImgPipeline
 from tests.ray_services import POISON_PROMPT
 
