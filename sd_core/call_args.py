@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd_core.families import ModelFamily
+from sd_core.families import TIME_ID_WIDTHS, ModelFamily
 from sd_core.images import OUTPUT_TYPES
 from sd_core.micro_conditioning import per_row_values
 from sd_core.text_encoder import PROMPT_SYNTAXES
 
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
 SECOND_PROMPTS = ("prompts_2", "negative_prompts_2")
+FAMILY_OPTIONS = SECOND_PROMPTS + tuple(TIME_ID_WIDTHS)  # the call's family-specific keyword arguments
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from sd_core.call_args import FAMILY_OPTIONS
 from sd_core.pipeline import CallReport, Img2ImgPipeline
-
-_FAMILY_OPTIONS = (
-    "prompts_2",
-    "negative_prompts_2",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
-    "negative_original_size",
-    "negative_target_size",
-    "negative_crops_coords_top_left",
-    "aesthetic_score",
-    "negative_aesthetic_score",
-)
 
 
 class ExpertEnsemble:
@@ -110,9 +98,9 @@ class ExpertEnsemble:
         """The call's arguments for each model: family options go to the model(s) that take them; one that
         neither takes is an error naming both, as a single pipeline's would be."""
         base_takes, refiner_takes = self.base.family.call_options, self.refiner.family.call_options
-        common = {k: v for k, v in call.items() if k not in _FAMILY_OPTIONS}
+        common = {k: v for k, v in call.items() if k not in FAMILY_OPTIONS}
         base_call, refiner_call = dict(common), dict(common)
-        for name in _FAMILY_OPTIONS:
+        for name in FAMILY_OPTIONS:
             value = call.get(name)
             if value is None:
                 continue

@@ -62,16 +62,10 @@ def _checked(name: str, value: Any, pair: bool, row: int | None) -> Any:
 
 
 def time_ids(
-    spec: TimeIds,
-    values: Mapping[str, Sequence[Any]],
-    image_size: tuple[int, int],
-    batch: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    spec: TimeIds, resolved: Mapping[str, Sequence[Any]], dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) time ids [B, k] for `values` (name -> per-row value or None) and images of
-    `image_size` (height, width)."""
-    resolved = resolved_values(spec, values, image_size, batch)
+    """(positive, negative) time ids [B, k] from `resolved_values`' per-row values."""
+    batch = len(resolved[spec.positive[0]])
     tensors = []
     for names in (spec.positive, spec.negative):
         rows = [[number for name in names for number in _flat(resolved[name][row])] for row in range(batch)]

@@ -361,11 +361,6 @@ class Img2ImgPipeline:
             raise ValueError(f"latents must be a float tensor [B, {channels}, h, w], not {images.dtype}")
         return True
 
-    @property
-    def last_encoded_images(self) -> int:
-        """Rows the VAE encoder ran on in the last call (repeated images count once)."""
-        return self.last_call.encoded_images
-
     def denoise(self, start: torch.Tensor, args: CallArgs, given_latents: bool = False) -> torch.Tensor:
         """The SDEdit loop: pixels [B,3,H,W] in [-1,1] (or latents [B,4,h,w]) -> denoised latents."""
         run = self.scheduler.start(
@@ -383,8 +378,7 @@ class Img2ImgPipeline:
         if given_latents:
             clean = start.to(self.device, self.dtype)
         else:
-            clean = self.encode(start, generators)
-            report.encoded_images = self._encoded_rows
+            clean, report.encoded_images = self.encode(start, generators)
         image_size = (clean.shape[-2] * self.vae_scale_factor, clean.shape[-1] * self.vae_scale_factor)
         positive_ids, negative_ids = self._time_ids(args, image_size, report)
         ids = positive_ids
@@ -420,19 +414,20 @@ class Img2ImgPipeline:
         spec = self.family.time_ids
         if spec is None:
             return None, None
-        batch = len(args.prompts)
-        report.micro_conditioning = resolved_values(spec, args.micro_conditioning, image_size, batch)
-        return time_ids(spec, args.micro_conditioning, image_size, batch, self.dtype, self.device)
+        resolved = resolved_values(spec, args.micro_conditioning, image_size, len(args.prompts))
+        report.micro_conditioning = resolved
+        return time_ids(spec, resolved, self.dtype, self.device)
 
-    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents, the posterior sampled row by row with each row's generator.
-        Repeated images (variants of one input) are encoded once; each row still draws its own sample."""
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, int]:
+        """Pixels in [-1, 1] -> (scaled latents, images the encoder ran on), the posterior sampled row by row
+        with each row's generator. Repeated images (variants of one input) are encoded once; each row
+        still draws its own sample."""
         distinct, index = distinct_rows(pixels.to(self.device, self.vae_dtype))
         posterior = self.vae.encode(distinct)
-        self._encoded_rows = distinct.shape[0]
         if index is not None:
             posterior = posterior.take(index)
-        return (self.vae.config.scaling_factor * posterior.sample_rows(generators)).to(self.dtype)
+        latents = (self.vae.config.scaling_factor * posterior.sample_rows(generators)).to(self.dtype)
+        return latents, distinct.shape[0]
 
     def decode(self, latents: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
         """Latents -> pixels in [-1, 1] (before clamping), `vae_batch_size` rows at a time if set; by `vae`

@@ -103,8 +103,8 @@ class TowerEncoder:
     def _a1111_chunks(self, text: str) -> tuple[PromptChunk, ...]:
         tokenizer = self.tokenizer
 
-        def tokenize(texts: list[str]) -> list[list[int]]:
-            return [tokenizer(expand_prompt(t, tokenizer), add_special_tokens=False).input_ids for t in texts]
+        def tokenize(texts: list[str]) -> list[list[int]]:  # `text` is TI-expanded already (chunks())
+            return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
         pad = tokenizer.pad_token_id
         return chunk_prompt(

@@ -171,3 +171,20 @@ def test_weights_change_the_image(pipes):
 def test_unknown_prompt_syntax_is_refused(pipes):
     with pytest.raises(ValueError, match="prompt_syntax must be one of plain, a1111"):
         pipes["v1"](make_images(1), "a fox", num_inference_steps=4, prompt_syntax="comfy")
+
+
+def test_a_multi_vector_embedding_is_expanded_once_in_the_a1111_syntax(model_dirs, tmp_path):
+    """`tok` becomes `tok tok_1` once, before the prompt is parsed (expanding it again would turn the
+    expansion's own `tok` into a second `tok tok_1`)."""
+    from tests.sd_core.test_textual_inversion import WIDTH, vectors, write_safetensors
+
+    pipe = Img2ImgPipeline.from_pretrained(model_dirs["v1"])
+    path = write_safetensors(tmp_path / "cat.safetensors", {"<cat>": vectors(2, WIDTH["v1"], 0)})
+    pipe.load_textual_inversion(path)
+    tower = pipe.prompt_encoder.towers[0]
+    (chunk,) = tower.chunks("a <cat> on a mat", "a1111").chunks
+    plain = tower.tokenizer("a <cat> <cat>_1 on a mat").input_ids
+    assert list(chunk.token_ids[: len(plain)]) == plain
+    encoder = pipe.prompt_encoder
+    assert torch.equal(encoder.encode(["a <cat>"], syntax="plain").states[0],
+                       encoder.encode(["a <cat>"], syntax="a1111").states[0])
