@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.faults import inject_worker_death
+from jobs.rows import SDXL_ARGUMENTS
 from jobs.stages import mark_error, rows_table, table_rows
 
 
@@ -159,41 +160,29 @@ DENOISE_COLUMNS = (
     ("actor_id", pa.string()),
     ("actor_start_s", pa.float64()),
 )
-# SDXL keyword argument of the core -> the work columns holding its per-row value
-_PAIRS = {
-    "original_size": ("original_height", "original_width"),
-    "crops_coords_top_left": ("crop_top", "crop_left"),
-}
-_TEXTS = {"prompts_2": "prompt_2", "negative_prompts_2": "negative_prompt_2"}
-_SCORES = ("aesthetic_score", "negative_aesthetic_score")
-
-
 def family_options(rows: Sequence[dict]) -> dict[str, list]:
     """The SDXL arguments of one core call, a value per row (None: the core's default), for the ones
     any row sets; a row's empty second prompt means none (the first prompt is used)."""
-    options: dict[str, list] = {}
-    for argument, column in _TEXTS.items():
-        options[argument] = [row[column] or None for row in rows]
-    for argument in _SCORES:
-        options[argument] = [row[argument] for row in rows]
-    for argument, (first, second) in _PAIRS.items():
-        options[argument] = [
-            None if row[first] is None and row[second] is None else (row[first] or 0, row[second] or 0)
-            for row in rows
-        ]
+    options = {argument: [_argument(row, cols) for row in rows] for argument, cols in SDXL_ARGUMENTS.items()}
     return {name: values for name, values in options.items() if any(v is not None for v in values)}
+
+
+def _argument(row: dict, columns: tuple[str, ...]) -> Any:
+    values = [row[column] for column in columns]
+    if len(values) == 1:
+        return None if values[0] == "" else values[0]
+    return None if all(v is None for v in values) else tuple(v or 0 for v in values)
 
 
 def realised_values(micro_conditioning: dict[str, list], rows: int) -> list[dict[str, Any]]:
     """Per row, the micro-conditioning values the core used (defaults filled in) as work columns."""
     realised: list[dict[str, Any]] = [{} for _ in range(rows)]
     for argument, values in micro_conditioning.items():
-        if argument in _PAIRS:
-            for row, pair in zip(realised, values, strict=True):
-                row.update(zip(_PAIRS[argument], pair, strict=True))
-        elif argument in _SCORES:
-            for row, value in zip(realised, values, strict=True):
-                row[argument] = value
+        columns = SDXL_ARGUMENTS.get(argument)  # target sizes and negative sizes have no column
+        if columns is None:
+            continue
+        for row, value in zip(realised, values, strict=True):
+            row.update(zip(columns, value if len(columns) == 2 else (value,), strict=True))
     return realised
 
 

@@ -27,7 +27,7 @@ from connectors.storage import Storage
 from connectors.uri_policy import check_allowed
 from jobs.config import AdaptersConfig, RunConfig
 from jobs.model_memory import weight_memory_lines
-from jobs.rows import variant_count
+from jobs.rows import SDXL_ARGUMENTS, variant_count
 from sd_core.families import FAMILIES
 
 SAMPLE_IMAGES = 16  # input images checked for existence up front
@@ -157,16 +157,7 @@ def _make_plan(config: RunConfig) -> RunPlan:
 
 
 # SDXL settings (manifest columns and run defaults of the same names) -> the core argument they feed
-SDXL_SETTINGS = {
-    "prompt_2": "prompts_2",
-    "negative_prompt_2": "negative_prompts_2",
-    "aesthetic_score": "aesthetic_score",
-    "negative_aesthetic_score": "negative_aesthetic_score",
-    "original_width": "original_size",
-    "original_height": "original_size",
-    "crop_top": "crops_coords_top_left",
-    "crop_left": "crops_coords_top_left",
-}
+SDXL_SETTINGS = {column: argument for argument, columns in SDXL_ARGUMENTS.items() for column in columns}
 
 
 def check_family_settings(config: RunConfig, manifest: Manifest, families: Sequence[Any]) -> None:
@@ -176,21 +167,22 @@ def check_family_settings(config: RunConfig, manifest: Manifest, families: Seque
     takes = {name for family in families for name in family.call_options}
     labels = " and ".join(f"{family.label} ({family.name})" for family in families)
     names = manifest.dataset.schema.names
-    problems = []
+    problems, refused = [], []
     for setting, argument in SDXL_SETTINGS.items():
         if argument in takes:
             continue
+        found = len(problems)
         if getattr(config.defaults, setting) is not None:
             problems.append(f"  - defaults.{setting} is set ({getattr(config.defaults, setting)!r})")
         if setting in names:
             rows = _rows_with_values(manifest, setting)
             if rows:
                 problems.append(f"  - manifest column {setting!r} has values in {rows} rows")
+        if len(problems) > found:
+            readers = sorted(f.label for f in FAMILIES.values() if argument in f.call_options)
+            refused.append(f"{setting} is read by {' and '.join(readers)}")
     if problems:
-        readers = {arg: sorted(f.label for f in FAMILIES.values() if arg in f.call_options)
-                   for arg in SDXL_SETTINGS.values()}
-        hint = "; ".join(f"{s} is read by {' and '.join(readers[a])}" for s, a in SDXL_SETTINGS.items()
-                         if a not in takes and any(s in p for p in problems))
+        hint = "; ".join(refused)
         raise PlanError(
             f"these settings do not apply to the run's model ({labels}), and a run never ignores a value:\n"
             + "\n".join(problems)

@@ -19,17 +19,20 @@ from connectors.output import key_strings
 from connectors.uri_policy import check_allowed
 from jobs.augment_config import AugmentConfig
 from jobs.augment_policy import TemplateError, realise
-from jobs.config import RowDefaults
+from jobs.config import SDXL_NUMBERS, RowDefaults
+from jobs.config_checks import RULES
 
 SEED_SPACE = 2**32  # derived seeds stay 32-bit so A1111/ComfyUI users can paste them
-_SDXL_NUMBERS = (
-    ("aesthetic_score", float),
-    ("negative_aesthetic_score", float),
-    ("original_width", int),
-    ("original_height", int),
-    ("crop_top", int),
-    ("crop_left", int),
-)
+_SDXL_NUMBERS = tuple((name, int if RULES[name].kind == "int" else float) for name in SDXL_NUMBERS)
+# SDXL keyword argument of the core -> the work columns that hold its per-row value (two: a pair)
+SDXL_ARGUMENTS = {
+    "prompts_2": ("prompt_2",),
+    "negative_prompts_2": ("negative_prompt_2",),
+    "aesthetic_score": ("aesthetic_score",),
+    "negative_aesthetic_score": ("negative_aesthetic_score",),
+    "original_size": ("original_height", "original_width"),
+    "crops_coords_top_left": ("crop_top", "crop_left"),
+}
 _SEED_MAX = 2**63 - 1
 
 STATUS_COLUMNS = ("error_stage", "error_type", "error_message", "attempts", "retryable")
