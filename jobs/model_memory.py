@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jobs.config import RunConfig
+from jobs.model_setup import dtype_name
 
 LABEL = "memory    "  # plan.describe()'s column
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -14,15 +15,12 @@ _GIB = 2**30
 
 
 def run_dtypes(config: RunConfig) -> tuple[str, str]:
-    """(model dtype, VAE dtype) as jobs.model_setup resolves them: "auto" is bfloat16 on GPU actors and
-    float32 on CPU ones; an SDXL VAE that says force_upcast runs in float32 under a float16 model."""
-    device, gpus = config.compute.device, config.compute.gpus_per_actor
-    on_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    vae = config.model.vae_dtype or dtype
-    if vae == "auto":
-        vae = "bfloat16" if on_gpu else "float32"
-    return dtype, vae
+    """(model dtype, VAE dtype) as jobs.model_setup resolves them, on a GPU where the actors ask for one."""
+    compute = config.compute
+    on_gpu = compute.device == "cuda" or (compute.device == "auto" and compute.gpus_per_actor > 0)
+    device = "cuda" if on_gpu else "cpu"
+    dtype = dtype_name(config.model.dtype, device)
+    return dtype, dtype_name(config.model.vae_dtype, device) if config.model.vae_dtype else dtype
 
 
 def _count(parameters: int) -> str:

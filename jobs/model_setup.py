@@ -26,14 +26,17 @@ def resolve_device(config: RunConfig) -> str:
     return wanted
 
 
+def dtype_name(name: str, device: str) -> str:
+    """A configured dtype on `device`: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return name
+
+
 def resolve_dtype(name: str | None, device: str):
     import torch
 
-    if name is None:
-        return None
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
+    return None if name is None else getattr(torch, dtype_name(name, device))
 
 
 @dataclass
