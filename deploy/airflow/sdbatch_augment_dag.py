@@ -3,8 +3,10 @@
 The task submits `python -m jobs.augment --config <config> --partition ds=<ds>` to the Ray cluster
 through the Ray Jobs API with the submission id `sdbatch-<dag_id>-<ds_nodash>` (retries after a failure
 get `-retry-1`, `-retry-2`, ...), so re-running a logical date never starts a second copy: a succeeded
-job is not resubmitted, a running one is attached to, a failed one is resubmitted (the job resumes). See
-README.md beside this file for the Variables and Connection to set.
+job is not resubmitted, a running one is attached to, a failed one is resubmitted (the job resumes). The
+task then defers: Airflow's triggerer waits for the job (no worker slot is held), at most the 12 h
+`execution_timeout`, after which the job is stopped. See README.md beside this file for the Variables and
+Connection to set and for the triggerer's setup.
 
 Ray is imported only when the task runs, so parsing this file needs only Airflow.
 """

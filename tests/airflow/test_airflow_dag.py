@@ -1,14 +1,19 @@
-"""The DAG file parses in real Airflow with no import errors, and the submit-or-attach decisions of
-sdbatch_ray on a scripted client (the cases a live cluster cannot easily produce on demand)."""
+"""The DAG file parses in real Airflow with no import errors; the submit-or-attach decisions of
+sdbatch_ray and the polling of sdbatch_trigger on a scripted client (the cases a live cluster cannot
+easily produce on demand)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+import json
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import sdbatch_ray
+from sdbatch_trigger import SdbatchRayJobTrigger
 
 DAG_FOLDER = Path(__file__).resolve().parents[2] / "deploy" / "airflow"
 
@@ -33,6 +38,7 @@ def test_dag_folder_imports_without_errors():
         task.template_fields
     )
     assert task.partition == "ds={{ ds }}"
+    assert task.deferrable is True
 
 
 def test_parsing_the_dag_does_not_import_ray():
@@ -218,3 +224,108 @@ def test_stop_never_raises():
             raise RuntimeError("no such job")
 
     assert sdbatch_ray.stop(Broken(), BASE, wait=0.0) is None
+
+
+def test_the_wait_is_bounded_by_job_timeout_else_execution_timeout_when_deferred():
+    from airflow.sdk import DAG
+    from sdbatch_operator import SdbatchRayJobOperator
+
+    def limit(**kwargs) -> float | None:
+        with DAG(dag_id="limits", schedule=None, start_date=datetime(2026, 1, 1, tzinfo=timezone.utc)):
+            return SdbatchRayJobOperator(task_id="t", **kwargs).job_time_limit()
+
+    # Airflow does not count time deferred against execution_timeout: the trigger enforces it instead.
+    assert limit(execution_timeout=timedelta(hours=12)) == 12 * 3600
+    assert limit(execution_timeout=timedelta(hours=12), job_timeout=60.0) == 60.0
+    assert limit() is None
+    # Blocking, execution_timeout kills the task itself (and on_kill stops the job).
+    assert limit(execution_timeout=timedelta(hours=12), deferrable=False) is None
+
+
+def test_the_trigger_is_rebuilt_from_its_serialized_form():
+    from airflow._shared.module_loading import import_string
+    from airflow.sdk.serde import deserialize, serialize
+
+    trigger = SdbatchRayJobTrigger(
+        address="http://ray-head:8265",
+        submission_id=f"{BASE}-retry-1",
+        poll_interval=5.0,
+        deadline=1_900_000_000.5,
+        log_lines=7,
+    )
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "sdbatch_trigger.SdbatchRayJobTrigger"
+    # As the task runner stores the kwargs (serde, JSON) and a triggerer, maybe restarted, rebuilds them.
+    stored = json.dumps(serialize(kwargs))
+    rebuilt = import_string(classpath)(**deserialize(json.loads(stored)))
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert kwargs["deadline"] == 1_900_000_000.5  # absolute: a restart does not restart the clock
+
+
+def first_event(trigger: SdbatchRayJobTrigger) -> dict:
+    async def first():
+        return await anext(trigger.run())
+
+    return asyncio.run(first()).payload
+
+
+def test_the_trigger_polls_without_blocking_the_event_loop(monkeypatch):
+    class SlowClient(ScriptedClient):
+        def get_job_info(self, job_id: str):
+            time.sleep(0.2)  # a slow dashboard: a blocking call in the loop would stall every trigger
+            return super().get_job_info(job_id)
+
+    client = SlowClient({BASE: ["RUNNING", "RUNNING", "SUCCEEDED"]})
+    monkeypatch.setattr(sdbatch_ray, "make_client", lambda address: client)
+    trigger = SdbatchRayJobTrigger(address="http://ray-head:8265", submission_id=BASE, poll_interval=0.01)
+
+    async def run_beside_a_ticker() -> tuple[dict, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        event = await anext(trigger.run())
+        ticker.cancel()
+        return event.payload, ticks
+
+    event, ticks = asyncio.run(run_beside_a_ticker())
+    assert event == {
+        "submission_id": BASE,
+        "status": "SUCCEEDED",
+        "timed_out": False,
+        "message": "msg",
+        "log_tail": "",
+    }
+    assert ticks >= 15  # the loop ran on during 0.6 s of polling (blocked, it would tick ~3 times)
+
+
+def test_the_trigger_retries_transient_poll_errors_and_raises_on_persistent_ones(monkeypatch):
+    client = ScriptedClient({BASE: ["RUNNING", "FAILED"]}, logs="Traceback: boom\n")
+    real, calls = client.get_job_info, {"n": 0}
+
+    def flaky(job_id):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise ConnectionError("dashboard restarting")
+        return real(job_id)
+
+    client.get_job_info = flaky
+    monkeypatch.setattr(sdbatch_ray, "make_client", lambda address: client)
+    trigger = SdbatchRayJobTrigger(address="http://x", submission_id=BASE, poll_interval=0.01)
+    event = first_event(trigger)
+    assert (event["status"], event["log_tail"]) == ("FAILED", "Traceback: boom")
+
+    def down(job_id):
+        raise ConnectionError("down")
+
+    client.get_job_info = down
+    trigger = SdbatchRayJobTrigger(
+        address="http://x", submission_id=BASE, poll_interval=0.01, max_consecutive_errors=2
+    )
+    with pytest.raises(ConnectionError):
+        first_event(trigger)
