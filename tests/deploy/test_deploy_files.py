@@ -266,6 +266,8 @@ def test_rayjob_lifecycle(rayjob):
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
     assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 1
+    # a hung attempt must not hold its GPUs forever
+    assert isinstance(spec["activeDeadlineSeconds"], int) and 3600 <= spec["activeDeadlineSeconds"] <= 7 * 86400
     lines = RAYJOB.read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if line.strip().startswith("backoffLimit:"))
     comment = " ".join(line for line in lines[max(0, at - 4) : at] if line.strip().startswith("#"))
@@ -307,7 +309,9 @@ def test_rayjob_uses_the_image_and_mounts_the_config_everywhere(rayjob, rayjob_d
     for pod in pod_specs(rayjob):
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
         (container,) = pod["containers"]
-        assert container["image"].rsplit("/", 1)[-1] == "sdbatch:0.1.0-gpu"
+        gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        # the head runs no model work: the CPU image, without gigabytes of CUDA libraries to pull
+        assert container["image"].rsplit("/", 1)[-1] == f"sdbatch:0.1.0-{'gpu' if gpus else 'cpu'}"
         mounts = [
             mount for mount in container["volumeMounts"]
             if volumes[mount["name"]].get("configMap", {}).get("name") == configmap["metadata"]["name"]
