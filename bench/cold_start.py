@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "manifest": "unused.parquet",
         "output": "unused",
         "compute.gpus_per_actor": 0,
+        "compute.actors_max": 1,
         "compute.cpus_per_actor": cpus,
     }
     cases = {

@@ -186,7 +186,7 @@ def job_command(model: Path, manifest: Path, output: Path, dry_run: bool) -> lis
         sys.executable, "-m", "jobs.img2img",
         "--model", str(model), "--manifest", str(manifest), "--output", str(output),
         "--steps", "2", "--strength", "0.5", "--guidance", "1", "--batch-size", "16",
-        "--set", "compute.gpus_per_actor=0",
+        "--set", "compute.gpus_per_actor=0", "--set", "compute.actors_max=1",
         "--set", f"compute.cpus_per_actor={max(1, (os.cpu_count() or 1) - 1)}",
     ]  # fmt: skip
     return command + (["--dry-run"] if dry_run else [])

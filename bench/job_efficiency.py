@@ -94,6 +94,7 @@ def make_config(model: str, manifest: str, output: str, batch: int, cpus: int, e
         "defaults.negative_prompt": NEGATIVE,
         "compute.batch_size": batch,
         "compute.gpus_per_actor": 0,
+        "compute.actors_max": 1,
         "compute.cpus_per_actor": cpus,
         "storage.endpoint_url": endpoint,
     }

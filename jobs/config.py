@@ -185,11 +185,14 @@ class RowDefaults(Checked):
 
 @dataclass(frozen=True)
 class ComputeConfig(Checked):
+    """The denoise actor pool. Unset sizes are resolved from the cluster when the run starts
+    (jobs/resources.py): GPU actors when the cluster has GPUs, CPU actors otherwise, up to all of them."""
+
     batch_size: int = 4  # images per UNet batch
     rows_per_call: int | None = None  # rows sent to one actor call, grouped by shape there; None = 4x batch
-    actors_min: int = 1  # size of the actor pool (Ray autoscales between min and max)
-    actors_max: int = 1
-    gpus_per_actor: float = 1.0  # 0 = CPU actors
+    actors_min: int = 1  # size of the actor pool: Ray autoscales it between min and max
+    actors_max: int | None = None  # None = every GPU the cluster offers (CPU-only cluster: its CPUs)
+    gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs, else 0 (device auto); 0 = CPU
     cpus_per_actor: float = 1.0
     device: str = "auto"  # one of DEVICES; auto = cuda when the actor has a GPU
     rows_per_part: int = 256  # rows per metadata part: fewer, larger parts vs. less redone after a crash
@@ -205,13 +208,18 @@ class ComputeConfig(Checked):
             yield from bounds("rows_per_call", self.rows_per_call, low=1)
         yield from bounds("rows_per_part", self.rows_per_part, low=1)
         yield from bounds("actors_min", self.actors_min, low=1)
-        at_least_min = f">= actors_min ({self.actors_min})"
-        yield from bounds("actors_max", self.actors_max, low=self.actors_min, expected=at_least_min)
-        yield from bounds("gpus_per_actor", self.gpus_per_actor, low=0)
+        if self.actors_max is not None:
+            at_least_min = f">= actors_min ({self.actors_min})"
+            yield from bounds("actors_max", self.actors_max, low=self.actors_min, expected=at_least_min)
+        if self.gpus_per_actor is not None:
+            yield from bounds("gpus_per_actor", self.gpus_per_actor, low=0)
         yield from bounds("cpus_per_actor", self.cpus_per_actor, low=0)
         yield from choice("device", self.device, DEVICES)
         if self.device == "cuda" and self.gpus_per_actor == 0:
             yield "device", "cuda needs gpus_per_actor > 0; set gpus_per_actor or use device: cpu"
+        if self.device == "cpu" and self.gpus_per_actor:
+            fix = "set gpus_per_actor: 0 (or leave it unset) or use device: auto"
+            yield "device", f"cpu actors take no GPU; {fix}"
 
 
 @dataclass(frozen=True)

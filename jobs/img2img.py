@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,13 +26,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table
+from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table, key_strings
 from jobs.config import ConfigError, RunConfig, add_run_arguments, config_from_args
 from jobs.contact import write_contact_sheet
 from jobs.faults import pause_point
 from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
 from jobs.plan import PlanError, RunPlan, make_plan, unsettled_keys
 from jobs.report import ProgressReporter, summary_lines
+from jobs.resources import ResourceError, ResourceWait, local_machine_view, ray_cluster_view, size_actor_pool
 
 log = logging.getLogger("sdbatch")
 
@@ -57,9 +59,18 @@ class RunStats:
     actor_start_s: dict[str, float] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, summary: pa.Table) -> None:
-        self.processed += summary.num_rows
-        self.errors += summary.num_rows - (pc.sum(summary["ok"]).as_py() or 0)
+    def add(self, summary: pa.Table, counted_errors: pa.Array | None = None) -> None:
+        """Count a batch of results once per row: a row in `counted_errors` (keys of rows an earlier pass
+        already counted as a retryable error) that now succeeds turns that error into an image."""
+        ok = summary["ok"]
+        if counted_errors is None or len(counted_errors) == 0:
+            again = pa.array([False] * summary.num_rows)
+        else:
+            again = pc.is_in(key_strings(summary["id"], summary["variant"]), value_set=counted_errors)
+        new = pc.invert(again)
+        self.processed += pc.sum(new).as_py() or 0
+        self.errors += pc.sum(pc.and_(new, pc.invert(ok))).as_py() or 0
+        self.errors -= pc.sum(pc.and_(again, ok)).as_py() or 0
         sizes = [s for s in summary["core_batch_rows"].to_pylist() if s]
         self.core_rows += len(sizes)
         self.core_calls += sum(1 / s for s in sizes)
@@ -86,6 +97,10 @@ def run(plan: RunPlan) -> dict[str, Any]:
     if plan.todo_rows == 0 and sink.is_committed():
         return _already_complete(plan, sink)
     _init_ray(ray)
+    if plan.pool is None:  # called without run_command (the demo, tests): size it here, and say so
+        plan = plan.with_pool(size_actor_pool(plan.config.compute, ray_cluster_view(ray)))
+        log.info("%s", plan.pool.describe())
+    config = plan.config
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = -1  # a failed block's rows are found missing and redone below
     # A map task buffers its output until a block reaches this size; at Ray's default (128 MiB) a task's
@@ -158,21 +173,33 @@ def _run_passes(
         size = 1 if last else max(1, batch >> round_number)
         log.info("retry round %d/%d: %d rows, batch size %d", round_number, rounds, len(todo), size)
         settings = PassSettings(size, size, last, only_keys=ray.put(todo), expected_rows=len(todo))
-        _run_pass(ray, plan, settings, stats, progress, f"retry round {round_number}")
+        # the rows of `todo` that hold a retryable error were counted already; the missing ones were not
+        missing = unsettled_keys(plan.expected_keys, sink, errors="all")
+        counted = todo.filter(pc.invert(pc.is_in(todo, value_set=missing)))
+        _run_pass(ray, plan, settings, stats, progress, f"retry round {round_number}", counted)
 
 
 def _run_pass(
-    ray: Any, plan: RunPlan, settings: PassSettings, stats: RunStats, progress: ProgressReporter, name: str
+    ray: Any,
+    plan: RunPlan,
+    settings: PassSettings,
+    stats: RunStats,
+    progress: ProgressReporter,
+    name: str,
+    counted_errors: pa.Array | None = None,
 ) -> None:
     started = time.monotonic()
     before = stats.processed
     registry = make_actor_registry(ray)
     settings = dataclasses.replace(settings, registry=registry)
+    started_actors = lambda: len(ray.get(registry.members.remote(), timeout=30)) > 0  # noqa: E731
+    wait = ResourceWait(started_actors, ray.available_resources, plan.pool, plan.config.log_every_s)
     try:
         dataset = build_pass(ray.data, plan.config, plan.storage, plan.manifest, settings)
-        for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            stats.add(summary)
-            progress.update(stats.processed, stats.errors)
+        with wait:
+            for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                stats.add(summary, counted_errors)
+                progress.update(stats.processed, stats.errors)
     finally:
         try:
             release_actors(ray, registry)  # their GPUs are free for the next round at once
@@ -323,6 +350,11 @@ def run_command(make_config: Callable[[], RunConfig], dry_run: bool) -> int:
     except (ConfigError, PlanError) as error:
         print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
         return EXIT_REFUSED
+    try:
+        plan = _sized_for_cluster(plan, dry_run)
+    except ResourceError as error:
+        print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
+        return EXIT_REFUSED
     for line in plan.describe():
         print(line)
     if dry_run:
@@ -332,6 +364,22 @@ def run_command(make_config: Callable[[], RunConfig], dry_run: bool) -> int:
     for line in summary_lines(summary):
         print(line)
     return summary["exit_code"]
+
+
+def _sized_for_cluster(plan: RunPlan, dry_run: bool) -> RunPlan:
+    """The plan with its actor pool sized: for a run, on the cluster it connects to; for a dry run, which
+    touches no cluster, on this machine as a local Ray instance would see it (or left to the run when
+    RAY_ADDRESS names a cluster)."""
+    if plan.todo_rows == 0:
+        return plan  # nothing to run: no pool to size
+    if dry_run:
+        if os.environ.get("RAY_ADDRESS"):
+            return plan
+        return plan.with_pool(size_actor_pool(plan.config.compute, local_machine_view()))
+    import ray
+
+    _init_ray(ray)
+    return plan.with_pool(size_actor_pool(plan.config.compute, ray_cluster_view(ray)))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ _GIB = 2**30
 
 
 def run_dtypes(config: RunConfig) -> tuple[str, str]:
-    """(model dtype, VAE dtype) as jobs.model_setup resolves them, on a GPU where the actors ask for one."""
+    """(model dtype, VAE dtype) as jobs.model_setup resolves them, on a GPU where the actors ask for one
+    (or may: a pool not yet sized for the cluster counts as GPU actors)."""
     compute = config.compute
-    on_gpu = compute.device == "cuda" or (compute.device == "auto" and compute.gpus_per_actor > 0)
+    on_gpu = compute.device == "cuda" or (compute.device == "auto" and compute.gpus_per_actor != 0)
     device = "cuda" if on_gpu else "cpu"
     dtype = dtype_name(config.model.dtype, device)
     return dtype, dtype_name(config.model.vae_dtype, device) if config.model.vae_dtype else dtype

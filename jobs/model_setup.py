@@ -22,7 +22,7 @@ def resolve_device(config: RunConfig) -> str:
 
     wanted = config.compute.device
     if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() and config.compute.gpus_per_actor > 0 else "cpu"
+        return "cuda" if torch.cuda.is_available() and config.compute.gpus_per_actor != 0 else "cpu"
     return wanted
 
 

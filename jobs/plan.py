@@ -6,7 +6,8 @@ written with another configuration is refused before a GPU is touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from connectors.storage import Storage
 from connectors.uri_policy import check_allowed
 from jobs.config import AdaptersConfig, RunConfig
 from jobs.model_memory import weight_memory_lines
+from jobs.resources import ActorPool
 from jobs.rows import SDXL_ARGUMENTS, variant_count
 from sd_core.families import FAMILIES
 
@@ -48,6 +50,13 @@ class RunPlan:
     done_keys: pa.Array  # already accounted for in the output (skipped)
     missing_images: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # what jobs.preflight checked of model and adapters
+    layouts: Mapping[str, Any] = field(default_factory=dict)  # the model's (and refiner's) parameter counts
+    pool: ActorPool | None = None  # the actor pool sized for the cluster (None: not yet)
+
+    def with_pool(self, pool: ActorPool) -> RunPlan:
+        """This plan with the compute settings the pool resolved for the cluster."""
+        config = dataclasses.replace(self.config, compute=pool.compute)
+        return dataclasses.replace(self, config=config, pool=pool)
 
     @property
     def expected_rows(self) -> int:
@@ -68,9 +77,8 @@ class RunPlan:
             f"dtype {config.model.dtype})",
             f"adapters  {len(config.adapters.loras)} LoRA, {len(config.adapters.embeddings)} embeddings",
             f"output    {config.output}",
-            f"compute   batch {config.compute.batch_size}, actors {config.compute.actors_min}-"
-            f"{config.compute.actors_max}, {config.compute.gpus_per_actor} GPU / "
-            f"{config.compute.cpus_per_actor} CPU per actor",
+            f"compute   batch {config.compute.batch_size}, {config.compute.call_rows} rows per actor call",
+            self.pool.describe() if self.pool is not None else _unsized_pool_line(config),
         ]
         if config.refiner is not None:
             refiner = config.refiner
@@ -82,6 +90,8 @@ class RunPlan:
         if config.augment.enabled:
             lines.append(_augment_line(config))
         lines.extend(self.checks)
+        if self.layouts:
+            lines.extend(weight_memory_lines(config, self.layouts))
         if self.summary.extra_columns:
             lines.append(f"carried   extra columns {', '.join(self.summary.extra_columns)}")
         if self.summary.bad_rows:
@@ -91,6 +101,18 @@ class RunPlan:
             lines.append(f"missing   {len(self.missing_images)} of the first {SAMPLE_IMAGES} input images:")
             lines.extend(f"  - {uri}" for uri in self.missing_images)
         return lines
+
+
+def _unsized_pool_line(config: RunConfig) -> str:
+    compute = config.compute
+    gpus = "1 GPU if the cluster has GPUs, else none" if compute.gpus_per_actor is None else (
+        f"{compute.gpus_per_actor:g} GPU"
+    )
+    actors = "every GPU (or CPU) it offers" if compute.actors_max is None else str(compute.actors_max)
+    return (
+        f"actors    sized from the cluster when the run starts: {compute.actors_min} to {actors}, each "
+        f"{gpus} + {compute.cpus_per_actor:g} CPU"
+    )
 
 
 @contextmanager
@@ -146,14 +168,14 @@ def _make_plan(config: RunConfig) -> RunPlan:
     families = [layout.family for layout in models.layouts.values() if layout.family is not None]
     if len(families) == len(models.layouts):  # a pickled file without its configs: the actors will say
         check_family_settings(config, manifest, families)
-    checks = models.lines + weight_memory_lines(config, models.layouts)
+    checks = models.lines
     sink = OutputSink(storage, config.output)
     _check_same_configuration(config, sink)
     expected = expected_keys(manifest, config.defaults.num_images, config.augment.variants or None)
     done = settled_keys(sink, "none" if config.retry_errors else "all")
     done = pc.filter(done, pc.is_in(done, value_set=expected)) if len(done) else done
     missing = _sample_missing_images(manifest, storage, config.inputs.allowed_roots)
-    return RunPlan(config, storage, manifest, summary, expected, done, missing, checks)
+    return RunPlan(config, storage, manifest, summary, expected, done, missing, checks, models.layouts)
 
 
 # SDXL settings (manifest columns and run defaults of the same names) -> the core argument they feed

@@ -74,6 +74,7 @@ def driver_args(
         args += ["--storage-endpoint", endpoint]
     merged = {
         "compute.gpus_per_actor": 0,
+        "compute.actors_max": 1,
         "contact_sheet_rows": 4,
         **{k.replace("__", "."): v for k, v in settings.items()},
     }

@@ -65,6 +65,7 @@ def make_config(model: str, manifest: str, output: str, endpoint: str | None = N
         "defaults.strength": 0.75,
         "compute.batch_size": 2,
         "compute.gpus_per_actor": 0,
+        "compute.actors_max": 1,
         "storage.endpoint_url": endpoint,
         "contact_sheet_rows": 4,
         **settings,

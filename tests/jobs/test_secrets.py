@@ -279,7 +279,7 @@ def test_the_secret_appears_in_no_output_log_or_ray_file(
         "max_error_rate: 1.0\nlog_every_s: 1\ncontact_sheet_rows: 4\n"
         f"model: {{path: {model}}}\n"
         "defaults: {num_inference_steps: 4, strength: 0.75, negative_prompt: blurry}\n"
-        "compute: {batch_size: 2, gpus_per_actor: 0}\n"
+        "compute: {batch_size: 2, gpus_per_actor: 0, actors_max: 1}\n"
         f"storage: {{endpoint_url: '{s3_server.endpoint_url}'}}\n"
     )
     log_path = tmp_path / "driver.log"

@@ -8,6 +8,7 @@ first on its PATH; the test cluster puts the virtual environment first, as a clu
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -61,9 +62,24 @@ def job_args(tmp_path, model_dirs) -> list[str]:
         "4",
         "--batch-size",
         "2",
-        "--set",
-        "compute.gpus_per_actor=0",
     ]
+
+
+def readme_run_flags() -> list[str]:
+    """The flags of README.md's `ray job submit ... python -m jobs.img2img ...` example, as written."""
+    section = (REPO / "README.md").read_text().split("## Running the job", 1)[1]
+    command = shlex.split(section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " "))
+    start = command.index("jobs.img2img") if "jobs.img2img" in command else command.index("sdbatch") + 1
+    return command[start + 1 :]
+
+
+def with_local_paths(flags: list[str], values: dict[str, str]) -> list[str]:
+    """`flags` with the values of the named flags replaced (the example's s3:// paths by local ones)."""
+    out = list(flags)
+    for index, flag in enumerate(out[:-1]):
+        if flag in values:
+            out[index + 1] = values[flag]
+    return out
 
 
 def test_ray_job_submit_runs_the_job(ray_cluster, job_args, tmp_path):
@@ -75,6 +91,32 @@ def test_ray_job_submit_runs_the_job(ray_cluster, job_args, tmp_path):
     assert re.search(r"^\s*rows\s+3 ", logs, re.MULTILINE), logs[-6000:]
     output = tmp_path / "out"
     assert (output / "_SUCCESS").is_file() and (output / "_run.json").is_file()
+
+
+def test_readme_example_without_compute_flags_runs_on_a_cpu_only_cluster(ray_cluster, model_dirs, tmp_path):
+    flags = readme_run_flags()
+    assert not any(flag.startswith("compute.") or flag == "--set" for flag in flags), flags
+    manifest = write_dataset(Storage(), str(tmp_path / "data"), [(64, 64)] * 3)
+    local = {"--model": str(model_dirs["v1"]), "--manifest": manifest, "--output": str(tmp_path / "out")}
+    process, _ = submit(ray_cluster, *with_local_paths(flags, local), timeout=300)
+    logs = process.stdout + process.stderr
+    assert process.returncode == 0, logs[-6000:]
+    assert re.search(r"^actors +1 to 3 \(autoscaling\) CPU actors of 1 CPU each: device auto and the cluster "
+                     r"has no GPU", logs, re.MULTILINE), logs[-6000:]  # fmt: skip
+    assert re.search(r"^\s*rows\s+3 ", logs, re.MULTILINE), logs[-6000:]
+    assert (tmp_path / "out" / "_SUCCESS").is_file()
+
+
+def test_two_gpus_per_actor_on_a_cluster_without_gpus_is_refused_at_once(ray_cluster, job_args, tmp_path):
+    process, seconds = submit(ray_cluster, *job_args, "--set", "compute.gpus_per_actor=2", timeout=180)
+    logs = process.stdout + process.stderr
+    assert process.returncode != 0, logs[-6000:]
+    assert "sdbatch: refused before any work:" in logs, logs[-6000:]
+    assert "each actor asks for 2 GPU + 1 CPU, which no node can ever hold: no node has a GPU" in logs
+    assert "1 node, 4 CPUs, 0 GPUs now" in logs, logs[-6000:]
+    assert "exit code 2" in logs, logs[-6000:]
+    assert not (tmp_path / "out").exists()
+    assert seconds < 120  # not a wait for resources that never come
 
 
 def test_ray_job_submit_of_a_broken_config_fails_with_the_message(ray_cluster, job_args, tmp_path):
