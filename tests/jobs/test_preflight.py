@@ -198,8 +198,9 @@ def test_preflight_reads_no_model_weights(plan_for, model_dirs, loras, tmp_path,
     monkeypatch.setattr("sd_core.loading.load_file", forbidden)
     embedding = write_safetensors(tmp_path / "e.safetensors", {"<e>": vectors(1, WIDTH["v1"], 0)})
     plan = plan_for(folder, loras=[loras["v1"]["kohya"]], embeddings=[(embedding, None)])
-    assert len(plan.checks) == 4  # model, LoRA, embedding, and the weights' memory (from the headers)
-    assert "model 0.02 GiB (4.8 M parameters)" in plan.checks[-1]
+    assert len(plan.checks) == 3  # model, LoRA, embedding
+    memory = [line for line in plan.describe() if line.startswith("memory")]  # from the headers
+    assert len(memory) == 1 and "model 0.02 GiB (4.8 M parameters)" in memory[0]
 
 
 def test_dry_run_without_adapters_does_not_import_torch(model_dirs, manifest, tmp_path):
