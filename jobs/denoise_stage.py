@@ -128,6 +128,7 @@ class Denoiser:
                 start_timestep=start_timestep,
                 prompt_truncated=report.truncated_prompts[position],
                 **{name: self.model_info[name] for name, _ in MODEL_COLUMNS},
+                a1111_identity=self.model_info["a1111_identity"],
             )
 
     def _start_timestep(self, steps: int, strength: float) -> int:
@@ -157,6 +158,7 @@ DENOISE_COLUMNS = (
     ("start_timestep", pa.int64()),
     ("prompt_truncated", pa.bool_()),
     *MODEL_COLUMNS,
+    ("a1111_identity", pa.string()),  # jobs.infotext.run_identity: for the write stage, not metadata
     ("actor_id", pa.string()),
     ("actor_start_s", pa.float64()),
 )

@@ -78,6 +78,8 @@ def build_pass(
             "output_format": config.defaults.output_format,
             "quality": config.defaults.quality,
             "prompt_syntax": config.defaults.prompt_syntax,
+            "clip_skip": config.model.clip_skip,
+            "eta": config.defaults.eta,
         },
     )
 

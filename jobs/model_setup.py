@@ -10,6 +10,7 @@ from typing import Any
 
 from connectors.storage import Storage
 from jobs.config import AdaptersConfig, RunConfig
+from jobs.infotext import run_identity
 from jobs.model_cache import cached_sha256, local_copy
 
 log = logging.getLogger("sdbatch")
@@ -56,7 +57,7 @@ class PipelineFactory:
             torch.set_num_threads(max(1, int(config.compute.cpus_per_actor)))
         model = config.model
         model_path = local_copy(model.path, storage)
-        base = self._load(model_path, model.config, config.adapters, storage, device)
+        base, base_loras = self._load(model_path, model.config, config.adapters, storage, device)
         info: dict[str, Any] = {
             "family": base.family.name,
             "model_sha256": cached_sha256(model_path),
@@ -66,30 +67,36 @@ class PipelineFactory:
             "refiner_switch_at": None,
             "device": device,
         }
-        pipe, stages = base, [base]
+        pipe, stages, refiner_file = base, [base], None
         if config.refiner is not None:
             from sd_core.ensemble import ExpertEnsemble
 
             section = config.refiner
             refiner_path = local_copy(section.path, storage)
-            refiner = self._load(refiner_path, section.config, section.adapters, storage, device)
+            refiner, _ = self._load(refiner_path, section.config, section.adapters, storage, device)
             pipe, stages = ExpertEnsemble(base, refiner, config.refiner.switch_at), [base, refiner]
             info.update(
                 refiner_sha256=cached_sha256(refiner_path),
                 refiner_adapters=adapters_json(refiner.adapters),
                 refiner_switch_at=config.refiner.switch_at,
             )
+            refiner_file = (refiner_path, info["refiner_sha256"])
         for stage in stages:
             if model.compile:
                 stage.compile_unet()
             _warm_up(stage, config)
         info["scheduler"] = pipe.scheduler.name
+        # A1111's names and short hashes for the images' infotext; not metadata (no fingerprint, no resume)
+        info["a1111_identity"] = run_identity(
+            pipe.scheduler, (model_path, info["model_sha256"]), refiner_file, base.adapters, base_loras
+        )
         return pipe, info
 
     def _load(
         self, path: str, config_uri: str | None, adapters: AdaptersConfig, storage: Storage, device: str
-    ) -> Any:
-        """One model loaded with its adapters fused and its embeddings added."""
+    ) -> tuple[Any, list[tuple[str, float, float | None]]]:
+        """One model loaded with its adapters fused and its embeddings added, and its LoRAs as loaded:
+        (local path, scale, text-encoder scale or None)."""
         from sd_core import Img2ImgPipeline
 
         model = self.config.model
@@ -110,7 +117,7 @@ class PipelineFactory:
             pipe.load_textual_inversion(
                 local_copy(embedding.path, storage), token=embedding.token, allow_pickle=model.allow_pickle
             )
-        return pipe
+        return pipe, loras
 
 
 def core_clip_skip(clip_skip: int) -> int | None:

@@ -13,10 +13,11 @@ import numpy as np
 import PIL.Image
 import pyarrow as pa
 
-from connectors.image_encode import a1111_parameters, encode_image
+from connectors.image_encode import encode_image
 from connectors.manifest import SDXL_COLUMNS
 from connectors.output import ErrorRecord, OutputSink, errors_table
 from jobs.denoise_stage import DENOISE_COLUMNS, MODEL_COLUMNS
+from jobs.infotext import image_infotext
 from jobs.rows import WORK_COLUMNS
 from jobs.stages import PIXEL_COLUMNS, mark_error, table_rows
 
@@ -77,12 +78,20 @@ SUMMARY_SCHEMA = pa.schema(
 
 
 def write_stage(
-    table: pa.Table, sink: OutputSink, output_format: str, quality: int, prompt_syntax: str = "plain"
+    table: pa.Table,
+    sink: OutputSink,
+    output_format: str,
+    quality: int,
+    prompt_syntax: str = "plain",
+    clip_skip: int = 1,
+    eta: float = 0.0,
 ) -> pa.Table:
     """Encode and write each ok row's image, then publish the batch's metadata and errors parts.
 
-    Images go first and the metadata part last, so a committed row's image always exists. Returns one
-    small summary row per input row for the driver's progress and report.
+    Images go first and the metadata part last, so a committed row's image always exists. Each image
+    carries A1111's infotext (jobs/infotext.py), which takes the run's prompt syntax, clip skip (A1111
+    counting) and DDIM eta. Returns one small summary row per input row for the driver's progress and
+    report.
     """
     started = time.perf_counter()
     rows = table_rows(table)
@@ -92,7 +101,8 @@ def write_stage(
     for row in rows:
         if row["error_type"] is None:
             try:
-                uri = _write_image(row, sink, output_format, quality)
+                parameters, settings = image_infotext(row, clip_skip, eta, prompt_syntax, version)
+                uri = _write_image(row, sink, output_format, quality, parameters, settings)
                 metadata_rows.append(_metadata_row(row, uri, extras, version, prompt_syntax))
             except Exception as error:  # noqa: BLE001
                 mark_error(row, "write", error)
@@ -115,32 +125,14 @@ _NOT_EXTRA = (
 )
 
 
-def _write_image(row: dict, sink: OutputSink, output_format: str, quality: int) -> str:
+def _write_image(
+    row: dict, sink: OutputSink, output_format: str, quality: int, parameters: str, settings: str
+) -> str:
     width, height = row["pixel_width"], row["pixel_height"]
     image = PIL.Image.frombytes("RGB", (width, height), row["pixels"])
-    parameters = a1111_parameters(
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
-        steps=row["num_inference_steps"],
-        sampler=row["scheduler"],
-        cfg_scale=row["guidance_scale"],
-        seed=row["seed"],
-        width=width,
-        height=height,
-        denoising_strength=row["strength"],
-        model_hash=(row["model_sha256"] or "")[:10] or None,
-        extra=_refiner_infotext(row),
-    )
-    data = encode_image(image, output_format, quality, parameters)
+    data = encode_image(image, output_format, quality, parameters, png_texts={"sdbatch": settings})
     ext = "jpg" if output_format == "jpeg" else output_format
     return sink.write_image(row["id"], row["variant"], data, ext)
-
-
-def _refiner_infotext(row: dict) -> dict[str, object]:
-    """A1111's refiner fields (it writes the refiner checkpoint's name and hash, and the switch point)."""
-    if row.get("refiner_sha256") is None:
-        return {}
-    return {"Refiner": row["refiner_sha256"][:10], "Refiner switch at": row["refiner_switch_at"]}
 
 
 def _metadata_row(

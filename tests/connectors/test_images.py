@@ -238,11 +238,16 @@ def test_a1111_parameters_layout():
         "Denoising strength: 0.75"
     )
     bare = a1111_parameters(
-        "p", None, 30, "DPM++ 2M Karras", 5.0, 9, 64, 128, None, extra={"Lora": "a: 1, b"}
+        "p", None, 30, "DPM++ 2M", 5.0, 9, 64, 128, None, extra={"Lora": "a: 1, b"}, schedule_type="Karras"
     )
-    assert (
-        bare
-        == 'p\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 5.0, Seed: 9, Size: 64x128, Lora: "a: 1, b"'
+    assert bare == (
+        "p\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 9, Size: 64x128, "
+        'Lora: "a: 1, b"'
+    )
+    named = a1111_parameters(" ", None, 1, "Euler", 7.0, 1, 8, 8, 0.5, model_hash="h", model_name="sd15")
+    assert named == (  # A1111 strips the whole text: a blank prompt leaves no leading space
+        "Steps: 1, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 8x8, Model hash: h, Model: sd15, "
+        "Denoising strength: 0.5"
     )
 
 
