@@ -113,12 +113,14 @@ def core_loop(config: Any, root: Path, rows: int, out: Path) -> dict[str, Any]:
     from connectors.image_encode import a1111_parameters, encode_image
     from connectors.image_resize import resize_for_model, target_size
     from jobs.denoise_stage import to_uint8
+    from jobs.infotext import a1111_sampler
     from jobs.model_setup import PipelineFactory
     from jobs.rows import derived_seed
 
     started = time.perf_counter()
     pipe, info = PipelineFactory(config)()
     factory_s = time.perf_counter() - started
+    sampler, schedule_type = a1111_sampler(info["scheduler"], karras_sigmas=False)
     table = manifest_table(rows).to_pylist()
     batch = config.compute.batch_size
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,8 @@ def core_loop(config: Any, root: Path, rows: int, out: Path) -> dict[str, Any]:
                 prompt=row["prompt"],
                 negative_prompt=NEGATIVE,
                 steps=MID_STEPS,
-                sampler=info["scheduler"],
+                sampler=sampler,
+                schedule_type=schedule_type,
                 cfg_scale=GUIDANCE,
                 seed=seed,
                 width=pixels.shape[1],
