@@ -15,8 +15,9 @@ import dataclasses
 import re
 import sys
 
-from jobs.config import ConfigError, RunConfig, add_run_arguments, config_from_args
+from jobs.config import ConfigError, RunConfig
 from jobs.img2img import run_command
+from jobs.run_flags import add_run_arguments, config_from_args
 
 _PARTITION = re.compile(r"[A-Za-z0-9_.-]+(=[A-Za-z0-9_.:-]+)?")
 

@@ -9,12 +9,11 @@ Importing this module stays light (no torch, no sd_core): `--dry-run` and the Ra
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -36,11 +35,10 @@ from jobs.config_checks import (
     text_length,
 )
 from jobs.config_sources import (
+    APPENDED,
+    FLAG_NAMES,
     override_origin,
-    parse_embedding_flag,
-    parse_lora_flag,
     parse_override,
-    parse_scalar,
     put_value,
     read_yaml,
 )
@@ -429,7 +427,7 @@ def _build_missing(hint: Any, key: str, problems: list[Problem]) -> Any:
     """A required section is built from nothing, so the problem names the keys it lacks (model.path)."""
     if dataclasses.is_dataclass(hint):
         return _build_dataclass(hint, {}, key, problems)
-    how = f" or pass {_FLAG_NAMES[key]}" if key in _FLAG_NAMES else f" or pass --set {key}=..."
+    how = f" or pass {FLAG_NAMES[key]}" if key in FLAG_NAMES else f" or pass --set {key}=..."
     problems.append((key, f"missing required key; set it in the config file{how}"))
     return _INVALID
 
@@ -459,10 +457,22 @@ def load_config(
     overrides: Sequence[str] = (),
     flags: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Read the YAML file at `path` (None: flags give everything), apply `--set KEY=VALUE` overrides, then
-    `flags` ({dotted key path: value}; None values are skipped, lists for the _APPENDED keys are
-    appended to the file's), and build a validated RunConfig."""
+    """Read the YAML file at `path` (None: flags give everything), layer the overrides and flags on it
+    (`layer_settings`), and build a validated RunConfig."""
     data = read_yaml(path) if path is not None else {}
+    origins = layer_settings(data, overrides, flags)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as error:
+        raise ConfigError(error.problems, source=path, origins=origins) from None
+
+
+def layer_settings(
+    data: dict[str, Any], overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Apply `--set KEY=VALUE` overrides, then `flags` ({dotted key path: value}; None values are skipped,
+    lists for the APPENDED keys are appended to the data's), to nested settings `data` in place; returns
+    {key path: the override or flag that set it}, for messages."""
     origins: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -470,72 +480,7 @@ def load_config(
         origins.update(dict.fromkeys(put_value(data, key, value, origin), origin))
     for key, value in (flags or {}).items():
         if value is not None:
-            origin = _FLAG_NAMES.get(key, f"flag {key}")
-            keys = put_value(data, key, value, origin, append=key in _APPENDED)
+            origin = FLAG_NAMES.get(key, f"flag {key}")
+            keys = put_value(data, key, value, origin, append=key in APPENDED)
             origins.update(dict.fromkeys(keys, origin))
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as error:
-        raise ConfigError(error.problems, source=path, origins=origins) from None
-
-
-def _as_given(value: Any) -> Any:
-    return value
-
-
-# argparse dest -> (key path in the config, how the flag's text becomes a value)
-_FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "model": ("model.path", _as_given),
-    "manifest": ("manifest", _as_given),
-    "output": ("output", _as_given),
-    "scheduler": ("model.scheduler", _as_given),
-    "steps": ("defaults.num_inference_steps", parse_scalar),
-    "strength": ("defaults.strength", parse_scalar),
-    "guidance": ("defaults.guidance_scale", parse_scalar),
-    "batch_size": ("compute.batch_size", parse_scalar),
-    "lora": ("adapters.loras", parse_lora_flag),
-    "embedding": ("adapters.embeddings", parse_embedding_flag),
-    "storage_endpoint": ("storage.endpoint_url", _as_given),
-    "retry_errors": ("retry_errors", _as_given),
-    "force": ("force", _as_given),
-    "seed": ("seed", parse_scalar),
-    "allow_input_root": ("inputs.allowed_roots", _as_given),
-}
-_FLAG_NAMES = {key: "--" + dest.replace("_", "-") for dest, (key, _) in _FLAGS.items()}  # for messages
-_APPENDED = ("adapters.loras", "adapters.embeddings", "inputs.allowed_roots")  # flags extend the file's lists
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the run's flags. Values stay text here; config_from_args parses them so that bad values raise
-    ConfigError naming the key rather than argparse's bare usage error."""
-    add = parser.add_argument
-    add("--config", metavar="PATH", help="YAML configuration file")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one setting, e.g. --set compute.batch_size=8 (repeatable)")
-    add("--dry-run", action="store_true", help="validate the configuration and the manifest, then stop")
-    add("--model", metavar="PATH", help="model.path: diffusers folder or .safetensors checkpoint")
-    add("--manifest", metavar="URI", help="Parquet manifest: file, directory, glob or hive prefix")
-    add("--output", metavar="URI", help="output root")
-    add("--scheduler", metavar="NAME", help="model.scheduler")
-    add("--steps", metavar="N", help="defaults.num_inference_steps")
-    add("--strength", metavar="X", help="defaults.strength")
-    add("--guidance", metavar="X", help="defaults.guidance_scale")
-    add("--batch-size", metavar="N", help="compute.batch_size")
-    add("--lora", action="append", metavar="PATH[:SCALE]", help="add a LoRA (repeatable)")
-    add("--embedding", action="append", metavar="PATH[:TOKEN]", help="add a textual inversion (repeatable)")
-    add("--storage-endpoint", metavar="URL", help="storage.endpoint_url for S3-compatible stores")
-    add("--retry-errors", action="store_true", default=None, help="rerun rows a previous run failed")
-    add("--force", action="store_true", default=None, help="write over an output made with another config")
-    add("--seed", metavar="N", help="run seed")
-    add("--allow-input-root", action="append", metavar="URI",
-        help="inputs.allowed_roots: rows may read images only under these prefixes or schemes (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig for parsed `add_run_arguments` flags: the file, then --set, then the named flags."""
-    flags = {}
-    for dest, (key, parse) in _FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            flags[key] = [parse(item) for item in value] if isinstance(value, list) else parse(value)
-    return load_config(args.config, args.overrides, flags)
+    return origins

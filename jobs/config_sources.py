@@ -1,5 +1,6 @@
 """Where a configuration's values come from, as text: the YAML file, `--set KEY=VALUE` overrides, and
-the `--lora PATH[:SCALE]` / `--embedding PATH[:TOKEN]` flags; values are put into one nested dict."""
+the named flags (the FLAGS table: which keys each sets and how its text becomes a value, e.g.
+`--lora PATH[:SCALE]`, `--actors N|MIN-MAX`); values are put into one nested dict."""
 
 from __future__ import annotations
 
@@ -104,3 +105,60 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- the named flags -----------------------------------------------------------------------------------
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+def parse_actors_flag(text: str) -> tuple[int, int]:
+    """`--actors N` (exactly N actors) or `--actors MIN-MAX` (Ray autoscales the pool between them)."""
+    low, dash, high = text.partition("-")
+    try:
+        sizes = (int(low), int(high) if dash else int(low))
+    except ValueError:
+        sizes = (0, 0)
+    if not 1 <= sizes[0] <= sizes[1]:
+        raise ConfigError(
+            f"--actors {text!r}: expected N or MIN-MAX, whole numbers with 1 <= MIN <= MAX (e.g. --actors 4, "
+            "--actors 1-8); leave it out to use every GPU the cluster has"
+        )
+    return sizes
+
+
+# sd_core.schedulers.SCHEDULER_NAMES, copied for --help (importing sd_core loads torch); a test checks it
+SCHEDULERS = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "unipc")
+
+
+def flag_keys(keys: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The key paths of one FLAGS entry."""
+    return (keys,) if isinstance(keys, str) else keys
+
+
+# argparse dest -> (key path, or the key paths a flag sets together, in the config; how its text becomes
+# the value, or the tuple of values)
+FLAGS: dict[str, tuple[str | tuple[str, ...], Callable[[Any], Any]]] = {
+    "model": ("model.path", _as_given),
+    "manifest": ("manifest", _as_given),
+    "output": ("output", _as_given),
+    "scheduler": ("model.scheduler", _as_given),
+    "steps": ("defaults.num_inference_steps", parse_scalar),
+    "strength": ("defaults.strength", parse_scalar),
+    "guidance": ("defaults.guidance_scale", parse_scalar),
+    "seed": ("seed", parse_scalar),
+    "lora": ("adapters.loras", parse_lora_flag),
+    "embedding": ("adapters.embeddings", parse_embedding_flag),
+    "batch_size": ("compute.batch_size", parse_scalar),
+    "actors": (("compute.actors_min", "compute.actors_max"), parse_actors_flag),
+    "storage_endpoint": ("storage.endpoint_url", _as_given),
+    "storage_profile": ("storage.profile", _as_given),
+    "storage_anonymous": ("storage.anonymous", _as_given),
+    "retry_errors": ("retry_errors", _as_given),
+    "force": ("force", _as_given),
+    "allow_input_root": ("inputs.allowed_roots", _as_given),
+}
+FLAG_NAMES = {key: "--" + dest.replace("_", "-") for dest, (ks, _) in FLAGS.items() for key in flag_keys(ks)}
+APPENDED = ("adapters.loras", "adapters.embeddings", "inputs.allowed_roots")  # flags extend the file's lists

@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table, key_strings
-from jobs.config import ConfigError, RunConfig, add_run_arguments, config_from_args
+from jobs.config import ConfigError, RunConfig
 from jobs.contact import write_contact_sheet
 from jobs.faults import pause_point
 from jobs.flow import PassSettings, build_pass, make_actor_registry, release_actors
 from jobs.plan import PlanError, RunPlan, make_plan, unsettled_keys
 from jobs.report import ProgressReporter, summary_lines
 from jobs.resources import ResourceError, ResourceWait, local_machine_view, ray_cluster_view, size_actor_pool
+from jobs.run_flags import add_run_arguments, config_from_args
 
 log = logging.getLogger("sdbatch")
 

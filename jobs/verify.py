@@ -1,10 +1,11 @@
-"""`sdbatch verify OUTPUT --manifest MANIFEST`: check an output's accounting, as a user can at any time.
+"""`sdbatch verify OUTPUT`: check an output's accounting, as a user can at any time.
 
 The invariant: every (id, variant) the manifest asks for is in exactly one of {metadata, errors}, once;
 nothing else is; every metadata row's image exists and decodes at the recorded size; `_SUCCESS`, when
 present, matches the counts and is missing only while the output is incomplete. Image keys that no
 metadata row names (left by a crash before their part was written) are listed as information.
-Reads the metadata and errors parts, and images on a sample unless `--all`.
+Reads the metadata and errors parts, and images on a sample unless `--all`. The manifest and the storage
+settings come from the output's `_job.json` (written when a run starts) unless flags give them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,10 +25,14 @@ from connectors.image_decode import decode_image
 from connectors.manifest import open_manifest
 from connectors.output import OutputSink, table_keys
 from connectors.storage import Storage, StorageOptions, join_uri
+from jobs.config import ConfigError, RetryConfig, StorageConfig, from_dict, layer_settings
+from jobs.config_sources import override_origin, parse_override
 from jobs.plan import expected_keys
+from jobs.run_flags import add_storage_arguments, flag_values
 
 SAMPLE_IMAGES = 64
 SHOWN = 5  # keys named per problem
+_CHECK_STORAGE = "check the URIs and the flags --storage-endpoint, --storage-profile, --storage-anonymous"
 
 
 @dataclass
@@ -166,15 +173,106 @@ def _orphans(report: VerifyReport, storage: Storage, sink: OutputSink, metadata:
         )
 
 
+class VerifyError(ValueError):
+    """Verification cannot start: what is missing and how to give it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one verification reads: the storage (as the run reached it, flags overriding) and the manifest."""
+
+    storage: Storage
+    manifest: str
+    manifest_from: str  # "--manifest" or the job record's URI
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """The settings of a run's config that say how storage is reached: all verify takes."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+_REACH_SECTIONS = tuple(f.name for f in fields(_Reach))
+
+
+def storage_options(
+    recorded: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    source: str | None = None,
+) -> StorageOptions:
+    """Storage options from the `storage` and `retry` sections of a run's recorded config (`recorded`, {}
+    for none), then `--set storage.KEY=VALUE` / `retry.KEY=VALUE` overrides, then the named storage flags."""
+    for text in overrides:
+        key, _ = parse_override(text)
+        if key.split(".")[0] not in _REACH_SECTIONS:
+            only = f"verify takes only {' and '.join(f'{name}.KEY' for name in _REACH_SECTIONS)} settings"
+            raise ConfigError(f"{override_origin(key, text)}: {only}")
+    data = {name: recorded[name] for name in _REACH_SECTIONS if name in recorded}
+    origins = layer_settings(data, overrides, flags)
+    try:
+        reach = from_dict(_Reach, data)
+    except ConfigError as error:
+        raise ConfigError(error.problems, source=source, origins=origins) from None
+    return reach.storage.to_options(reach.retry)
+
+
+def find_target(
+    output: str, manifest: str | None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
+) -> Target:
+    """Read OUTPUT's job record with the storage the flags describe; take the manifest and the storage
+    settings the run used from it, where `manifest`, `overrides` and `flags` do not give them."""
+    sink = OutputSink(Storage(storage_options({}, overrides, flags)), output)
+    record = sink.read_job_record()
+    config = record.get("config") if isinstance(record, dict) else None
+    config = config if isinstance(config, dict) else {}
+    where = sink.layout.job_record
+    if manifest is None and not isinstance(config.get("manifest"), str):
+        missing = f"{where} names no manifest"
+        if record is None:
+            missing = f"{output} has no _job.json (no run has started there)"
+        raise VerifyError(f"{missing}; pass --manifest URI, the manifest the run read")
+    storage = Storage(storage_options(config, overrides, flags, source=where)) if config else sink.storage
+    if manifest is not None:
+        return Target(storage, manifest, "--manifest")
+    return Target(storage, config["manifest"], where)
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Check an output's accounting: every (id, variant) the manifest asks for is in the "
+        "metadata or the errors, once, and every image is readable at its recorded size.",
+        epilog="Exit codes: 0 the invariant holds; 1 it does not (the problems are listed); 2 nothing was "
+        "checked (bad flags, or the output or manifest could not be read).",
+    )
+    parser.add_argument("output", metavar="OUTPUT", help="the job's output URI")
+    parser.add_argument("--manifest", metavar="URI",
+                        help="the manifest the job ran on (default: the one OUTPUT/_job.json names)")
+    parser.add_argument("--all", action="store_true",
+                        help=f"decode every image (default: a sample of {SAMPLE_IMAGES})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a storage.* or retry.* setting, e.g. --set retry.storage_attempts=3")
+    add_storage_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None, prog: str = "sdbatch verify") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("output", help="the job's output URI")
-    parser.add_argument("--manifest", required=True, help="the manifest the job ran on")
-    parser.add_argument("--all", action="store_true", help="decode every image, not a sample")
-    parser.add_argument("--storage-endpoint", help="endpoint URL of an S3-compatible store")
-    args = parser.parse_args(argv)
-    storage = Storage(StorageOptions(endpoint_url=args.storage_endpoint))
-    report = verify_output(storage, args.output, args.manifest, check_all_images=args.all)
+    args = _parser(prog).parse_args(argv)
+    try:
+        flags = flag_values(args, section="storage")
+        target = find_target(args.output, args.manifest, args.overrides, flags)
+        print(f"verifying {args.output} against {target.manifest} (manifest from {target.manifest_from})")
+        report = verify_output(target.storage, args.output, target.manifest, check_all_images=args.all)
+    except ValueError as error:  # bad flags or records, a manifest that is not one
+        print(f"{prog}: nothing checked:\n{error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a store that cannot be reached or read
+        failed = f"reading {args.output} or its manifest failed with {type(error).__name__}: {error}"
+        print(f"{prog}: nothing checked: {failed}\n{_CHECK_STORAGE}", file=sys.stderr)
+        return 2
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1

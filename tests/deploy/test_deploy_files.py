@@ -19,7 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from jobs.config import RunConfig, add_run_arguments, load_config
+from jobs.config import RunConfig, load_config
+from jobs.run_flags import add_run_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"gpu": ROOT / "deploy/docker/Dockerfile", "cpu": ROOT / "deploy/docker/Dockerfile.cpu"}
@@ -267,7 +268,8 @@ def test_rayjob_lifecycle(rayjob):
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
     assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 1
     # a hung attempt must not hold its GPUs forever
-    assert isinstance(spec["activeDeadlineSeconds"], int) and 3600 <= spec["activeDeadlineSeconds"] <= 7 * 86400
+    deadline = spec["activeDeadlineSeconds"]
+    assert isinstance(deadline, int) and 3600 <= deadline <= 7 * 86400
     lines = RAYJOB.read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if line.strip().startswith("backoffLimit:"))
     comment = " ".join(line for line in lines[max(0, at - 4) : at] if line.strip().startswith("#"))

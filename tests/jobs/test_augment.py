@@ -165,7 +165,13 @@ def test_augmentation_driver_killed_then_rerun_finishes_exactly_once(ray_cluster
     root = str(tmp_path)
     manifest = write_labelled(storage, root, rows=6)
     output_root = join_uri(root, "out")
-    settings = {**POLICY, "compute.gpus_per_actor": 0, "compute.actors_max": 1, "compute.rows_per_call": 1, "compute.rows_per_part": 1}
+    settings = {
+        **POLICY,
+        "compute.gpus_per_actor": 0,
+        "compute.actors_max": 1,
+        "compute.rows_per_call": 1,
+        "compute.rows_per_part": 1,
+    }
     config_path = tmp_path / "aug.yaml"
     config_path.write_text(yaml.safe_dump(nested(settings)))  # lists and sections: a file, as users write
     args = ["--config", str(config_path), "--model", str(model_dirs["v1"]), "--manifest", manifest]

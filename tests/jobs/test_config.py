@@ -21,13 +21,11 @@ from jobs.config import (
     RetryConfig,
     RunConfig,
     StorageConfig,
-    add_run_arguments,
-    config_from_args,
     from_dict,
     load_config,
-    parse_embedding_flag,
-    parse_lora_flag,
 )
+from jobs.config_sources import parse_embedding_flag, parse_lora_flag
+from jobs.run_flags import add_run_arguments, config_from_args
 
 REQUIRED = {"manifest": "s3://in/m.parquet", "output": "s3://out/run", "model": {"path": "/models/sd15"}}
 FULL = {

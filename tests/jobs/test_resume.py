@@ -26,7 +26,8 @@ def job_command(model: str, manifest: str, output: str, endpoint: str) -> list[s
     return [
         sys.executable, "-m", "jobs.img2img", "--model", model, "--manifest", manifest, "--output", output,
         "--steps", str(STEPS), "--batch-size", "1", "--storage-endpoint", endpoint,
-        "--set", "compute.gpus_per_actor=0", "--set", "compute.actors_max=1", "--set", "compute.rows_per_call=1",
+        "--set", "compute.gpus_per_actor=0", "--set", "compute.actors_max=1",
+        "--set", "compute.rows_per_call=1",
         "--set", "compute.rows_per_part=1",
     ]  # fmt: skip
 
