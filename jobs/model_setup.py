@@ -22,9 +22,20 @@ def resolve_device(config: RunConfig) -> str:
     import torch
 
     wanted = config.compute.device
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() and config.compute.gpus_per_actor != 0 else "cpu"
-    return wanted
+    if wanted != "auto":
+        return wanted
+    if config.compute.gpus_per_actor == 0:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if config.compute.gpus_per_actor:  # None: a pool never sized for a cluster (the core used directly)
+        log.warning(
+            "this actor holds a GPU but torch %s sees no CUDA device (a CPU build of torch, or no driver): "
+            "it runs on the CPU; install a CUDA build of torch on the workers, or set "
+            "compute.gpus_per_actor: 0",
+            torch.__version__,
+        )
+    return "cpu"
 
 
 def dtype_name(name: str, device: str) -> str:
