@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 TORCH_VERSION := 2.13.0
 DEMO_OUT ?= demo-output
+# `make demo MODEL=path/or/s3/uri`: the demo pictures through your checkpoint instead of the tiny random model
+MODEL ?=
 # The Airflow DAG's tests (tests/airflow) run in a virtualenv of their own: Airflow's dependency set
 # must not mix with the project's. deploy/airflow/constraints.txt pins the resolved set (Airflow's
 # constraints approach; its published constraints files are not reachable from CI).
@@ -45,7 +47,7 @@ test: setup airflow-setup
 	$(AIRFLOW_VENV)/bin/python -m pytest -q tests/airflow
 
 demo: setup
-	$(PY) -m jobs.demo --output $(DEMO_OUT)
+	$(PY) -m jobs.demo --output $(DEMO_OUT) $(if $(MODEL),--model "$(MODEL)")
 
 # Benchmarks: each prints a table and writes bench/results/<name>.json; the plot summarises them all.
 $(BENCH_STAMP): $(STAMP)

@@ -304,6 +304,7 @@ class RunConfig(Checked):
     force: bool = False  # write into an output made with a different fingerprint
     log_every_s: float = 10.0  # progress log interval
     contact_sheet_rows: int = 16  # rows on the contact sheet; 0 = none
+    contact_sheet_title: str | None = None  # the contact sheet's heading; None = "sdbatch · {output}"
 
     def _problems(self) -> Iterator[Problem]:
         yield from not_empty("manifest", self.manifest)

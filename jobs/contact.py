@@ -21,7 +21,8 @@ SHEET_NAME = "contact_sheet.png"
 def write_contact_sheet(sink: OutputSink, plan: Any, rows: int) -> str | None:
     """Write `{output}/contact_sheet.png` for the first `rows` committed rows (by id); None if none.
 
-    A report, not a result: any failure here is logged and the run goes on.
+    Its heading is the run's `contact_sheet_title` (default `sdbatch · {output}`), drawn at the top and kept
+    in the PNG's `Title` text chunk. A report, not a result: any failure here is logged and the run goes on.
     """
     if rows <= 0:
         return None
@@ -31,9 +32,10 @@ def write_contact_sheet(sink: OutputSink, plan: Any, rows: int) -> str | None:
             return None
         sample = sample.sort_by([("id", "ascending"), ("variant", "ascending")]).slice(0, rows)
         pairs = [_pair(sink, row) for row in sample.to_pylist()]
-        sheet = contact_sheet(pairs, title=f"sdbatch · {sink.layout.root}")
+        title = plan.config.contact_sheet_title or f"sdbatch · {sink.layout.root}"
+        sheet = contact_sheet(pairs, title=title)
         uri = join_uri(sink.layout.root, SHEET_NAME)
-        sink.storage.write_bytes(uri, encode_image(sheet.convert("RGB"), "png"))
+        sink.storage.write_bytes(uri, encode_image(sheet.convert("RGB"), "png", png_texts={"Title": title}))
         return uri
     except Exception as error:  # noqa: BLE001 - the sheet must never fail a finished run
         log.warning("could not write the contact sheet: %s: %s", type(error).__name__, error)

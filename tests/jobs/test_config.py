@@ -105,6 +105,7 @@ FULL = {
     "force": True,
     "log_every_s": 5.0,
     "contact_sheet_rows": 8,
+    "contact_sheet_title": "nightly edits",
 }
 
 
@@ -465,6 +466,7 @@ def full_config() -> RunConfig:
         {"retry": {"retry_rounds": 0}},
         {"storage": {"endpoint_url": "http://other"}},
         {"force": False, "retry_errors": False, "log_every_s": 1.0, "contact_sheet_rows": 0},
+        {"contact_sheet_title": "another heading"},
         {"max_error_rate": 0.5, "manifest": "s3://in/other.parquet"},
         {"model": {**FULL["model"], "compile": False}},
     ],
