@@ -173,17 +173,23 @@ def test_failure_carries_the_last_lines_of_the_log():
     assert "ended FAILED" in str(failure.value) and "Traceback: boom" in str(failure.value)
 
 
-def test_transient_poll_errors_are_retried_and_persistent_ones_raise():
-    client = ScriptedClient({BASE: ["RUNNING", "RUNNING", "SUCCEEDED"]})
+def flaky(client, failing_polls: tuple[int, ...]):
+    """`client` whose get_job_info raises ConnectionError on the listed calls (1-based): a dashboard
+    restarting."""
     real, calls = client.get_job_info, {"n": 0}
 
-    def flaky(job_id):
+    def get_job_info(job_id):
         calls["n"] += 1
-        if calls["n"] in (2, 3):
+        if calls["n"] in failing_polls:
             raise ConnectionError("dashboard restarting")
         return real(job_id)
 
-    client.get_job_info = flaky
+    client.get_job_info = get_job_info
+    return client
+
+
+def test_transient_poll_errors_are_retried_and_persistent_ones_raise():
+    client = flaky(ScriptedClient({BASE: ["RUNNING", "RUNNING", "SUCCEEDED"]}), failing_polls=(2, 3))
     assert (
         sdbatch_ray.wait_for_terminal(client, BASE, poll_interval=0.01, sleep=lambda s: None) == "SUCCEEDED"
     )
@@ -305,16 +311,8 @@ def test_the_trigger_polls_without_blocking_the_event_loop(monkeypatch):
 
 
 def test_the_trigger_retries_transient_poll_errors_and_raises_on_persistent_ones(monkeypatch):
-    client = ScriptedClient({BASE: ["RUNNING", "FAILED"]}, logs="Traceback: boom\n")
-    real, calls = client.get_job_info, {"n": 0}
-
-    def flaky(job_id):
-        calls["n"] += 1
-        if calls["n"] in (2, 3):
-            raise ConnectionError("dashboard restarting")
-        return real(job_id)
-
-    client.get_job_info = flaky
+    scripted = ScriptedClient({BASE: ["RUNNING", "FAILED"]}, logs="Traceback: boom\n")
+    client = flaky(scripted, failing_polls=(2, 3))
     monkeypatch.setattr(sdbatch_ray, "make_client", lambda address: client)
     trigger = SdbatchRayJobTrigger(address="http://x", submission_id=BASE, poll_interval=0.01)
     event = first_event(trigger)
