@@ -68,7 +68,8 @@ def job_args(tmp_path, model_dirs) -> list[str]:
 def readme_run_flags() -> list[str]:
     """The flags of README.md's `ray job submit ... python -m jobs.img2img ...` example, as written."""
     section = (REPO / "README.md").read_text().split("## Running the job", 1)[1]
-    command = shlex.split(section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " "))
+    block = section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    command = shlex.split(block.strip().splitlines()[0])  # the block's first command, continuations joined
     start = command.index("jobs.img2img") if "jobs.img2img" in command else command.index("sdbatch") + 1
     return command[start + 1 :]
 
