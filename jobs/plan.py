@@ -105,9 +105,10 @@ class RunPlan:
 
 def _unsized_pool_line(config: RunConfig) -> str:
     compute = config.compute
-    gpus = "1 GPU if the cluster has GPUs, else none" if compute.gpus_per_actor is None else (
-        f"{compute.gpus_per_actor:g} GPU"
-    )
+    if compute.gpus_per_actor is None:
+        gpus = "1 GPU if the cluster has GPUs, else none"
+    else:
+        gpus = f"{compute.gpus_per_actor:g} GPU" if compute.gpus_per_actor else "no GPU"
     actors = "every GPU (or CPU) it offers" if compute.actors_max is None else str(compute.actors_max)
     return (
         f"actors    sized from the cluster when the run starts: {compute.actors_min} to {actors}, each "
