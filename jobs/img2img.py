@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table, key_strings
+from connectors.output import CommitError, ErrorRecord, OutputSink, errors_table, key_strings, table_keys
 from jobs.config import ConfigError, RunConfig
 from jobs.contact import write_contact_sheet
 from jobs.faults import pause_point
@@ -93,14 +93,13 @@ def run(plan: RunPlan) -> dict[str, Any]:
     """Run the job for a checked plan; returns the summary dict (with `exit_code`)."""
     import ray
 
-    config = plan.config
-    sink = OutputSink(plan.storage, config.output)
+    sink = OutputSink(plan.storage, plan.config.output)
     if plan.todo_rows == 0 and sink.is_committed():
         return _already_complete(plan, sink)
-    _init_ray(ray)
     if plan.pool is None:  # called without run_command (the demo, tests): size it here, and say so
-        plan = plan.with_pool(size_actor_pool(plan.config.compute, ray_cluster_view(ray)))
+        plan = _sized_on_cluster(ray, plan)
         log.info("%s", plan.pool.describe())
+    _init_ray(ray)
     config = plan.config
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = -1  # a failed block's rows are found missing and redone below
@@ -174,9 +173,8 @@ def _run_passes(
         size = 1 if last else max(1, batch >> round_number)
         log.info("retry round %d/%d: %d rows, batch size %d", round_number, rounds, len(todo), size)
         settings = PassSettings(size, size, last, only_keys=ray.put(todo), expected_rows=len(todo))
-        # the rows of `todo` that hold a retryable error were counted already; the missing ones were not
-        missing = unsettled_keys(plan.expected_keys, sink, errors="all")
-        counted = todo.filter(pc.invert(pc.is_in(todo, value_set=missing)))
+        # the rows of `todo` that hold a (retryable) error were counted already; the missing ones were not
+        counted = todo.filter(pc.is_in(todo, value_set=table_keys(sink.read_errors())))
         _run_pass(ray, plan, settings, stats, progress, f"retry round {round_number}", counted)
 
 
@@ -346,14 +344,8 @@ def run_command(make_config: Callable[[], RunConfig], dry_run: bool) -> int:
     run (or stop there for a dry run); the exit code. Shared by `sdbatch run` and `sdbatch augment`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = make_config()
-        plan = make_plan(config)
-    except (ConfigError, PlanError) as error:
-        print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
-        return EXIT_REFUSED
-    try:
-        plan = _sized_for_cluster(plan, dry_run)
-    except ResourceError as error:
+        plan = _sized_for_cluster(make_plan(make_config()), dry_run)
+    except (ConfigError, PlanError, ResourceError) as error:
         print(f"sdbatch: refused before any work:\n{error}", file=sys.stderr)
         return EXIT_REFUSED
     for line in plan.describe():
@@ -379,6 +371,11 @@ def _sized_for_cluster(plan: RunPlan, dry_run: bool) -> RunPlan:
         return plan.with_pool(size_actor_pool(plan.config.compute, local_machine_view()))
     import ray
 
+    return _sized_on_cluster(ray, plan)
+
+
+def _sized_on_cluster(ray: Any, plan: RunPlan) -> RunPlan:
+    """The plan with its pool sized on the cluster this driver connects to (started here if need be)."""
     _init_ray(ray)
     return plan.with_pool(size_actor_pool(plan.config.compute, ray_cluster_view(ray)))
 
